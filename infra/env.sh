@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# CityTap environment: paths, ports and connection settings for one local stack.
+#
+#   source infra/env.sh            # in scripts, the Makefile's recipes, or your shell
+#   infra/env.sh --print           # prints `export VAR=value` lines
+#   eval "$(infra/env.sh --print)"
+#
+# Every variable keeps a value it already has in the environment. Defaults depend on the
+# stack selector CITYTAP_STACK:
+#   dev  (default)  state in $CITYTAP_ROOT/.local/stack,      base ports (Kafka 19092 ...)
+#   test            state in $CITYTAP_ROOT/.local/test-stack, every port +1000
+#
+# Values this file filled in from defaults are remembered in CITYTAP_ENV_DEFAULTS. When it is
+# sourced again (for example a shell that sourced the dev stack runs `CITYTAP_STACK=test make
+# test`), a variable that still holds the default recorded there is recomputed for the new
+# stack instead of being mistaken for an explicit override. A value that you changed by hand
+# after sourcing is kept.
+#
+# This file must work when sourced by a shell running `set -euo pipefail`, and must not
+# change the options of the shell that sources it.
+
+_citytap_env_main() {
+  local src="${BASH_SOURCE[0]}"
+  local infra_dir
+  infra_dir="$(cd "$(dirname "$src")" && pwd -P)"
+
+  # Forget the values a previous sourcing defaulted, unless they were changed since.
+  local entry name value
+  local -a entries=()
+  read -r -a entries <<<"${CITYTAP_ENV_DEFAULTS:-}"
+  for entry in "${entries[@]}"; do
+    name="${entry%%=*}"
+    value="${entry#*=}"
+    [[ "$name" =~ ^[A-Z_][A-Z0-9_]*$ ]] || continue
+    if [[ "${!name-}" == "$value" ]]; then
+      unset "$name"
+    fi
+  done
+
+  local defaulted=()
+  # _d NAME DEFAULT: export NAME, keeping an existing value; remember it if defaulted.
+  _d() {
+    if [[ -z "${!1+x}" ]]; then
+      printf -v "$1" '%s' "$2"
+      # Values with whitespace are not recorded (they would split the list); such a value
+      # is then simply treated as an explicit override next time.
+      [[ "$2" =~ [[:space:]] ]] || defaulted+=("$1=$2")
+    fi
+    export "${1?}"
+  }
+
+  _d CITYTAP_STACK dev
+  local off state_name
+  case "$CITYTAP_STACK" in
+    dev) off=0; state_name=stack ;;
+    test) off=1000; state_name=test-stack ;;
+    *)
+      echo "[infra] env.sh: CITYTAP_STACK must be 'dev' or 'test', got '$CITYTAP_STACK'" >&2
+      return 1 ;;
+  esac
+
+  _d CITYTAP_ROOT "$(dirname "$infra_dir")"
+  _d CITYTAP_CACHE_DIR "$CITYTAP_ROOT/.local/cache"
+  _d CITYTAP_STATE_DIR "$CITYTAP_ROOT/.local/$state_name"
+  _d CITYTAP_PYTHON "$CITYTAP_ROOT/.venv/bin/python"
+  _d CITYTAP_PG_BIN /usr/lib/postgresql/15/bin
+
+  # Components.
+  _d CITYTAP_KAFKA_PORT $((19092 + off))
+  _d CITYTAP_KAFKA_CONTROLLER_PORT $((19093 + off))
+  _d CITYTAP_PG_PORT $((15432 + off))
+  _d CITYTAP_REDIS_PORT $((16379 + off))
+  _d CITYTAP_STRIPE_MOCK_PORT $((12111 + off))
+  _d CITYTAP_STRIPE_MOCK_HTTPS_PORT $((12112 + off))
+
+  # Services (gRPC).
+  _d CITYTAP_FARE_GATE_PORT $((50051 + off))
+  _d CITYTAP_WALLET_PORT $((50052 + off))
+  _d CITYTAP_FACE_PORT $((50053 + off))
+  _d CITYTAP_MERCHANT_PORT $((50054 + off))
+  _d CITYTAP_SETTLEMENT_PORT $((50055 + off))
+
+  # Connection settings read by the Python code.
+  _d CITYTAP_KAFKA_BOOTSTRAP "127.0.0.1:$CITYTAP_KAFKA_PORT"
+  _d CITYTAP_POSTGRES_DSN "postgresql://citytap@127.0.0.1:$CITYTAP_PG_PORT/citytap"
+  _d CITYTAP_REDIS_URL "redis://127.0.0.1:$CITYTAP_REDIS_PORT/0"
+  _d CITYTAP_STRIPE_API_BASE "http://127.0.0.1:$CITYTAP_STRIPE_MOCK_PORT"
+  _d CITYTAP_STRIPE_API_KEY sk_test_citytap
+  _d CITYTAP_FARE_GATE_ADDRESS "127.0.0.1:$CITYTAP_FARE_GATE_PORT"
+  _d CITYTAP_WALLET_ADDRESS "127.0.0.1:$CITYTAP_WALLET_PORT"
+  _d CITYTAP_FACE_ADDRESS "127.0.0.1:$CITYTAP_FACE_PORT"
+  _d CITYTAP_MERCHANT_ADDRESS "127.0.0.1:$CITYTAP_MERCHANT_PORT"
+  _d CITYTAP_SETTLEMENT_ADDRESS "127.0.0.1:$CITYTAP_SETTLEMENT_PORT"
+
+  unset -f _d
+  CITYTAP_ENV_DEFAULTS="${defaulted[*]}"
+  export CITYTAP_ENV_DEFAULTS
+
+  case ":$PATH:" in
+    *":$CITYTAP_CACHE_DIR/bin:"*) ;;
+    *) PATH="$CITYTAP_CACHE_DIR/bin:$PATH" ;;
+  esac
+  export PATH
+}
+
+_citytap_env_quote() {
+  # Plain words print bare (readable, and valid for both sh and make); anything else is
+  # single-quoted for the shell.
+  if [[ "$1" =~ ^[A-Za-z0-9_./:@%+,=-]*$ ]]; then
+    printf '%s' "$1"
+  else
+    printf "'%s'" "${1//\'/\'\\\'\'}"
+  fi
+}
+
+if [[ "${BASH_SOURCE[0]}" != "$0" ]]; then
+  # Sourced.
+  _citytap_env_main || return 1
+  unset -f _citytap_env_main _citytap_env_quote
+else
+  # Executed.
+  set -euo pipefail
+  _citytap_env_main
+  case "${1:-}" in
+    --print)
+      for _v in $(compgen -e | grep '^CITYTAP_' | sort) PATH; do
+        printf 'export %s=%s\n' "$_v" "$(_citytap_env_quote "${!_v}")"
+      done
+      ;;
+    *)
+      echo "usage: source infra/env.sh | infra/env.sh --print" >&2
+      exit 2
+      ;;
+  esac
+fi

@@ -1,0 +1,132 @@
+"""Settings helpers: the one place a service turns environment variables into typed values.
+
+A service declares its settings as a frozen dataclass whose fields carry a `setting(...)`
+spec, then calls `load(SettingsClass, os.environ)` once in its entry point. Every missing or
+malformed value is collected and reported together in one `SettingsError`, so an operator
+fixes the whole environment in one pass instead of one variable per restart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_MISSING = object()
+
+
+class SettingsError(Exception):
+    """One or more settings are missing or malformed; `problems` names each one."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid settings:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def setting(env: str, parse: Callable[[str], Any] = str, *, default: Any = _MISSING, doc: str = "") -> Any:
+    """Declare a dataclass field read from environment variable `env` and parsed by `parse`.
+
+    `parse` raises ValueError with a short explanation when the text is malformed.
+    """
+    return dataclasses.field(metadata={"env": env, "parse": parse, "default": default, "doc": doc})
+
+
+def load(cls: type[T], environ: Mapping[str, str]) -> T:
+    """Build `cls` from `environ`, raising SettingsError naming every bad or missing variable."""
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        meta = field.metadata
+        env = meta["env"]
+        raw = environ.get(env)
+        if raw is None or raw == "":
+            if meta["default"] is _MISSING:
+                problems.append(f"{env} is missing ({meta['doc'] or field.name})")
+            else:
+                values[field.name] = meta["default"]
+            continue
+        try:
+            values[field.name] = meta["parse"](raw)
+        except ValueError as exc:
+            problems.append(f"{env}={raw!r} is malformed: {exc}")
+    if problems:
+        raise SettingsError(problems)
+    return cls(**values)
+
+
+def describe(cls: type) -> list[tuple[str, str, str]]:
+    """Return (variable, default, doc) for each setting of `cls`, for READMEs and --help."""
+    rows = []
+    for field in dataclasses.fields(cls):
+        meta = field.metadata
+        default = "(required)" if meta["default"] is _MISSING else repr(meta["default"])
+        rows.append((meta["env"], default, meta["doc"]))
+    return rows
+
+
+# --- parsers -----------------------------------------------------------------------------
+
+_HOST_PORT = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):(?P<port>\d{1,5})$")
+
+
+def host_port(text: str) -> str:
+    """A `host:port` address; port 0 is allowed for listeners (the OS picks one)."""
+    match = _HOST_PORT.match(text.strip())
+    if not match or not 0 <= int(match.group("port")) <= 65535:
+        raise ValueError("expected host:port, for example 127.0.0.1:50052")
+    return text.strip()
+
+
+def host_port_list(text: str) -> str:
+    """A comma-separated list of `host:port` addresses (Kafka bootstrap servers)."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise ValueError("expected one or more host:port addresses separated by commas")
+    for part in parts:
+        host_port(part)
+    return ",".join(parts)
+
+
+def url(*schemes: str) -> Callable[[str], str]:
+    """A URL whose scheme is one of `schemes`."""
+
+    def parse(text: str) -> str:
+        scheme, sep, rest = text.partition("://")
+        if not sep or scheme not in schemes or not rest:
+            raise ValueError(f"expected a URL starting with {' or '.join(s + '://' for s in schemes)}")
+        return text
+
+    return parse
+
+
+def positive_int(text: str) -> int:
+    """An integer greater than zero."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError("expected a whole number") from None
+    if value <= 0:
+        raise ValueError("expected a number greater than zero")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer zero or greater."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError("expected a whole number") from None
+    if value < 0:
+        raise ValueError("expected a number zero or greater")
+    return value
+
+
+def log_level(text: str) -> str:
+    """One of the standard logging level names."""
+    upper = text.strip().upper()
+    if upper not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ValueError("expected DEBUG, INFO, WARNING or ERROR")
+    return upper

@@ -1,0 +1,1 @@
+"""The face service; see README.md beside this file."""

@@ -1,0 +1,1 @@
+"""The fare_gate service; see README.md beside this file."""

@@ -1,0 +1,1 @@
+"""The merchant service; see README.md beside this file."""

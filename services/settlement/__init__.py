@@ -1,0 +1,1 @@
+"""The settlement service; see README.md beside this file."""
