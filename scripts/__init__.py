@@ -1,0 +1,1 @@
+"""Project scripts runnable as modules (`python -m scripts.demo`)."""
