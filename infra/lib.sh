@@ -10,11 +10,19 @@ die() {
 # now_ms: wall clock in milliseconds.
 now_ms() { date +%s%3N; }
 
-# cmdline PID: the process's command line with NULs turned into spaces ("" if gone).
+# fmt_secs MS: milliseconds as seconds with one decimal.
+fmt_secs() {
+  local t=$((($1 + 50) / 100))
+  printf '%d.%d' $((t / 10)) $((t % 10))
+}
+
+# cmdline PID: the process's command line with NULs turned into spaces, plus a trailing
+# space ("" if gone). No subprocess: it runs once per process when scanning /proc.
 cmdline() {
-  local f="/proc/$1/cmdline"
-  [[ -r "$f" ]] || return 0
-  tr '\0' ' ' <"$f" 2>/dev/null || true
+  local -a args=()
+  mapfile -d '' args 2>/dev/null <"/proc/$1/cmdline" || return 0
+  ((${#args[@]})) && printf '%s ' "${args[@]}"
+  return 0
 }
 
 # alive PID [SIGNATURE]: the process exists (not a zombie) and, if given, its command line
@@ -45,13 +53,18 @@ read_pid() {
 # if given, whose environment contains the exact entry NAME=VALUE). Used to find processes
 # of this stack whose pid file was lost.
 find_pids() {
-  local sig="$1" envent="${2:-}" d pid
+  local sig="$1" envent="${2:-}" d pid line
+  local -a args
   for d in /proc/[0-9]*; do
     pid="${d#/proc/}"
     [[ "$pid" == "$$" || "$pid" == "$BASHPID" ]] && continue
-    [[ " $(cmdline "$pid") " == *"$sig"* ]] || continue
+    args=()
+    mapfile -d '' args 2>/dev/null <"$d/cmdline" || continue
+    ((${#args[@]})) || continue
+    line=" ${args[*]} "
+    [[ "$line" == *"$sig"* ]] || continue
     if [[ -n "$envent" ]]; then
-      tr '\0' '\n' <"$d/environ" 2>/dev/null | grep -qxF -- "$envent" || continue
+      has_env "$pid" "$envent" || continue
     fi
     alive "$pid" && printf '%s\n' "$pid"
   done
@@ -68,8 +81,8 @@ stop_pid() {
     if (($(now_ms) >= deadline)); then
       warn "$name (pid $pid) did not stop within ${timeout}s after SIGTERM; sending SIGKILL${logf:+ (log: $logf)}"
       kill -KILL "$pid" 2>/dev/null || true
-      local i
-      for i in $(seq 1 50); do
+      local _
+      for _ in $(seq 1 50); do
         alive "$pid" || return 0
         sleep 0.1
       done
@@ -101,4 +114,77 @@ show_log_tail() {
     tail -n "$n" "$f" >&2 || true
     printf '[infra] ---- end of %s ----\n' "$f" >&2
   fi
+}
+
+# has_env PID NAME=VALUE: the process's environment holds exactly that entry.
+has_env() {
+  tr '\0' '\n' 2>/dev/null <"/proc/$1/environ" | grep -qxF -- "$2"
+}
+
+# running_pid PIDFILE SIGNATURE [ENV_ENTRY]: prints the pid if the pid file names a live
+# process whose command line matches (and whose environment holds ENV_ENTRY, if given);
+# otherwise scans for a matching process (pid file lost) and repairs the pid file.
+running_pid() {
+  local pidf="$1" sig="$2" envent="${3:-}" pid
+  pid="$(read_pid "$pidf")"
+  if [[ -n "$pid" ]] && alive "$pid" "$sig" && { [[ -z "$envent" ]] || has_env "$pid" "$envent"; }; then
+    printf '%s' "$pid"
+    return 0
+  fi
+  pid="$(find_pids "$sig" "$envent" | head -n1)"
+  if [[ -n "$pid" ]]; then
+    mkdir -p "$(dirname "$pidf")"
+    printf '%s\n' "$pid" >"$pidf"
+    printf '%s' "$pid"
+  fi
+  return 0
+}
+
+# start_bg PIDFILE LOGFILE CMD...: start CMD detached (own session, no stdin, immune to
+# hangups), output to LOGFILE (previous run kept as LOGFILE.prev), pid to PIDFILE.
+start_bg() {
+  local pidf="$1" logf="$2"
+  shift 2
+  rotate_log "$logf"
+  # 8>&-: the stack lock's descriptor must not be inherited by the long-lived process.
+  setsid nohup "$@" >>"$logf" 2>&1 </dev/null 8>&- &
+  local pid=$!
+  printf '%s\n' "$pid" >"$pidf"
+}
+
+# port_free NAME PORT: fail clearly when something else already listens on PORT.
+port_free() {
+  if tcp_open "$2"; then
+    die "$1: port 127.0.0.1:$2 is already in use by a process this stack did not start (another stack with the same ports? see 'ss -ltnp | grep :$2'). Pick other ports via infra/env.sh variables."
+  fi
+}
+
+# wait_ready NAME PIDFILE TIMEOUT_S LOGFILE CHECK...: poll CHECK until it succeeds; fail if
+# the process exits or TIMEOUT_S passes (then the process is stopped, the pid file removed
+# and the log's tail shown). WAIT_LOG_LINES (default 30) sets how much of the log.
+wait_ready() {
+  local name="$1" pidf="$2" timeout="$3" logf="$4"
+  shift 4
+  local start deadline pid
+  start="$(now_ms)"
+  deadline=$((start + timeout * 1000))
+  while true; do
+    if "$@" >/dev/null 2>&1; then
+      log "$name ready ($(fmt_secs $(($(now_ms) - start))) s)"
+      return 0
+    fi
+    pid="$(read_pid "$pidf")"
+    if [[ -z "$pid" ]] || ! alive "$pid"; then
+      show_log_tail "$logf" "${WAIT_LOG_LINES:-30}"
+      die "$name exited during startup (log: $logf)"
+    fi
+    if (($(now_ms) >= deadline)); then
+      show_log_tail "$logf" "${WAIT_LOG_LINES:-30}"
+      warn "$name not ready after ${timeout}s; stopping it"
+      stop_pid "$name" "$pid" "${STOP_TIMEOUT_S:-20}" "$logf"
+      rm -f "$pidf"
+      die "$name did not become ready within ${timeout}s (log: $logf)"
+    fi
+    sleep 0.25
+  done
 }

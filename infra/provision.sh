@@ -25,7 +25,11 @@ t0="$(now_ms)"
 mkdir -p "$CITYTAP_CACHE_DIR" "$BIN_DIR" "$KAFKA_DIR"
 
 # One provision at a time per cache (two stacks may come up together).
-exec 9>"$CITYTAP_CACHE_DIR/.provision.lock"
+# (Opened read-only: flock needs no write access, so a shared cache owned by another user
+# still works when nothing has to be installed.)
+lock_file="$CITYTAP_CACHE_DIR/.provision.lock"
+[[ -e "$lock_file" ]] || : >"$lock_file"
+exec 9<"$lock_file"
 if ! flock -w 900 9; then
   die "provision: could not take $CITYTAP_CACHE_DIR/.provision.lock within 900s (another provision.sh is stuck?)"
 fi
@@ -133,4 +137,4 @@ else
   log "stripe-mock installed: $BIN_DIR/stripe-mock"
 fi
 
-log "provision: all present ($(($(now_ms) - t0)) ms)"
+log "provision: all present ($(fmt_secs $(($(now_ms) - t0))) s)"

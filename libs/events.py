@@ -12,8 +12,8 @@ Every event is a service's envelope message (`WalletEvent`, `FareGateEvent`, ...
 or reorders within a partition. kafka-python does not implement Kafka 4's transaction
 protocol, so producers that must not lose or invent events publish from a transactional
 outbox, and consumers are idempotent: `ConsumerLoop` dedupes on event id through an `Inbox`,
-runs the handler inside the inbox's transaction, and commits offsets only after the whole
-bounded batch has been handled.
+runs the handler inside the inbox's transaction, and commits a partition's offsets only
+after every record the batch brought from that partition has been handled.
 """
 
 from __future__ import annotations

@@ -13,18 +13,19 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from libs.errors import InvalidArgument
+
 # PostgreSQL bigint and protobuf int64 bound every amount we store or send.
 AMOUNT_MINOR_MAX = 2**63 - 1
 
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 
 
-class MoneyError(ValueError):
-    """An amount or currency that money cannot hold; `reason` is machine-readable."""
+class MoneyError(InvalidArgument, ValueError):
+    """An amount, currency or split that money cannot hold; `reason` is machine-readable.
 
-    def __init__(self, reason: str, message: str) -> None:
-        self.reason = reason
-        super().__init__(message)
+    It is an `InvalidArgument`, so a handler that lets it escape answers INVALID_ARGUMENT
+    with this reason rather than INTERNAL."""
 
 
 def check_amount(amount_minor: object) -> int:

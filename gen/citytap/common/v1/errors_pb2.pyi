@@ -56,6 +56,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """A named thing other than an account does not exist; metadata "resource" says what kind (status NOT_FOUND)."""
     ERROR_REASON_INVALID_STATE: _ErrorReason.ValueType  # 16
     """The thing named is in a state that forbids the operation, such as posting a voided hold (status FAILED_PRECONDITION)."""
+    ERROR_REASON_INVALID_SPLIT: _ErrorReason.ValueType  # 17
+    """A split is malformed: no parties, a negative or non-integer weight, or weights that sum to zero (status INVALID_ARGUMENT)."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists the machine-readable reasons a CityTap RPC can fail with.
@@ -105,4 +107,6 @@ ERROR_REASON_NOT_FOUND: ErrorReason.ValueType  # 15
 """A named thing other than an account does not exist; metadata "resource" says what kind (status NOT_FOUND)."""
 ERROR_REASON_INVALID_STATE: ErrorReason.ValueType  # 16
 """The thing named is in a state that forbids the operation, such as posting a voided hold (status FAILED_PRECONDITION)."""
+ERROR_REASON_INVALID_SPLIT: ErrorReason.ValueType  # 17
+"""A split is malformed: no parties, a negative or non-integer weight, or weights that sum to zero (status INVALID_ARGUMENT)."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -1,0 +1,48 @@
+# CityTap's front door. `make help` lists the targets; the README's two commands are
+# `make demo` (the demo city, end to end) and `make test` (what CI runs).
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+PY := .venv/bin/python
+
+.PHONY: help bootstrap provision proto proto-check up down status demo test test-unit reset bench-transfers
+
+help: ## List the targets.
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+bootstrap: ## Create .venv and install the Python packages (fast when up to date).
+	@bash scripts/bootstrap.sh
+
+provision: ## Install what the stack needs: apt packages, Kafka jars, stripe-mock.
+	@bash infra/provision.sh
+
+proto: bootstrap ## Regenerate gen/ from proto/.
+	@bash scripts/gen_proto.sh
+
+proto-check: bootstrap ## Fail when gen/ is stale against proto/.
+	@bash scripts/check_proto.sh
+
+up: bootstrap ## Start Kafka, PostgreSQL, Redis, stripe-mock and the five services (dev stack).
+	@bash infra/components.sh up
+	@bash infra/services.sh up
+
+down: ## Stop everything `make up` started.
+	@bash infra/services.sh down
+	@bash infra/components.sh down
+
+status: ## Show each component and service with its address and health.
+	@bash infra/components.sh status
+	@bash infra/services.sh status
+
+demo: up ## The main job: bring the stack up and run the demo city end to end.
+	@source infra/env.sh && $(PY) -m scripts.demo
+
+test: ## Install and start everything the tests need, run every tier, stop it all again.
+	@bash scripts/test.sh
+
+test-unit: bootstrap ## Only the unit tier (no I/O, seconds).
+	@$(PY) -m pytest tests/unit -q
+
+reset: ## Stop the dev stack and delete its data (keeps downloaded jars and binaries).
+	@bash infra/services.sh down
+	@bash infra/components.sh reset
