@@ -35,6 +35,7 @@ status: ## Show each component and service with its address and health.
 	@bash infra/services.sh status
 
 demo: up ## The main job: bring the stack up and run the demo city end to end.
+	@echo; echo "== components"; bash infra/components.sh status
 	@source infra/env.sh && $(PY) -m scripts.demo
 
 test: ## Install and start everything the tests need, run every tier, stop it all again.
