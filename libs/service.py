@@ -25,7 +25,7 @@ from libs.events import Publisher, ensure_topics
 from libs.postgres import create_pool, migrate_folder
 from libs.redis_client import create_redis
 from libs.grpc_server import Server, create_server, run_until_signalled
-from libs.settings import SettingsError, host_port, host_port_list, load, log_level, setting, url
+from libs.settings import SettingsError, boolean, host_port, host_port_list, load, log_level, setting, url
 
 log = logging.getLogger("citytap.service")
 
@@ -44,6 +44,10 @@ class CommonSettings:
     postgres_dsn: str = setting("CITYTAP_POSTGRES_DSN", url("postgresql", "postgres"), doc="PostgreSQL connection URL")
     kafka_bootstrap: str = setting("CITYTAP_KAFKA_BOOTSTRAP", host_port_list, doc="Kafka bootstrap servers")
     log_level: str = setting("CITYTAP_LOG_LEVEL", log_level, default="INFO", doc="DEBUG, INFO, WARNING or ERROR")
+    outbox_relay_in_process: bool = setting(
+        "CITYTAP_OUTBOX_RELAY_IN_PROCESS", boolean, default=True,
+        doc="run the outbox relay inside the service; false when `python -m libs.outbox_relay` runs it",
+    )
 
 
 class App(Protocol):
@@ -175,5 +179,9 @@ def open_standard(settings: CommonSettings, name: str, migrations: Path, registr
     app = BaseApp(server)
     pool = open_postgres(app, settings.postgres_dsn, schema=name, migrations=migrations)
     publisher = open_publisher(app, settings.kafka_bootstrap, client_id=f"citytap-{name}", topics=[topic_for(name)])
-    open_outbox(app, pool, schema=name, publisher=publisher)
+    if settings.outbox_relay_in_process:
+        open_outbox(app, pool, schema=name, publisher=publisher)
+    else:
+        with pool.connection() as conn:
+            outbox.ensure_table(conn, name)
     return app, pool, publisher

@@ -102,26 +102,34 @@ def url(*schemes: str) -> Callable[[str], str]:
     return parse
 
 
-def positive_int(text: str) -> int:
-    """An integer greater than zero."""
+def _int_at_least(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise ValueError("expected a whole number") from None
-    if value <= 0:
-        raise ValueError("expected a number greater than zero")
+    if value < minimum:
+        raise ValueError(f"expected a number {minimum} or greater")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An integer greater than zero."""
+    return _int_at_least(text, 1)
 
 
 def non_negative_int(text: str) -> int:
     """An integer zero or greater."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError("expected a whole number") from None
-    if value < 0:
-        raise ValueError("expected a number zero or greater")
-    return value
+    return _int_at_least(text, 0)
+
+
+def boolean(text: str) -> bool:
+    """true/false, yes/no, on/off or 1/0, in any case."""
+    lowered = text.strip().lower()
+    if lowered in {"true", "yes", "on", "1"}:
+        return True
+    if lowered in {"false", "no", "off", "0"}:
+        return False
+    raise ValueError("expected true or false")
 
 
 def log_level(text: str) -> str:
