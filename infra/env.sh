@@ -89,6 +89,9 @@ _citytap_env_main() {
   # Secrets for local stacks only: fixed, public, and worthless outside a dev or test stack.
   # A real deployment sets its own from its secret store.
   _d CITYTAP_WALLET_CARD_HASH_KEY 636974797461702d6465762d636172642d686173682d6b65792d6e6f742d736563726574
+  _d CITYTAP_STRIPE_WEBHOOK_SECRET whsec_citytap_dev_not_a_secret_0123456789
+  _d CITYTAP_WALLET_WEBHOOK_PORT $((50062 + off))
+  _d CITYTAP_WALLET_WEBHOOK_LISTEN "127.0.0.1:$CITYTAP_WALLET_WEBHOOK_PORT"
   _d CITYTAP_FARE_GATE_ADDRESS "127.0.0.1:$CITYTAP_FARE_GATE_PORT"
   _d CITYTAP_WALLET_ADDRESS "127.0.0.1:$CITYTAP_WALLET_PORT"
   _d CITYTAP_FACE_ADDRESS "127.0.0.1:$CITYTAP_FACE_PORT"

@@ -58,6 +58,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The thing named is in a state that forbids the operation, such as posting a voided hold (status FAILED_PRECONDITION)."""
     ERROR_REASON_INVALID_SPLIT: _ErrorReason.ValueType  # 17
     """A split is malformed: no parties, a negative or non-integer weight, or weights that sum to zero (status INVALID_ARGUMENT)."""
+    ERROR_REASON_PAYMENT_FAILED: _ErrorReason.ValueType  # 18
+    """The payment provider refused a payment or refund, for example a declined card (status FAILED_PRECONDITION)."""
+    ERROR_REASON_UNAVAILABLE: _ErrorReason.ValueType  # 19
+    """A dependency such as PostgreSQL or the payment provider is unreachable; retry with the same id (status UNAVAILABLE)."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists the machine-readable reasons a CityTap RPC can fail with.
@@ -109,4 +113,8 @@ ERROR_REASON_INVALID_STATE: ErrorReason.ValueType  # 16
 """The thing named is in a state that forbids the operation, such as posting a voided hold (status FAILED_PRECONDITION)."""
 ERROR_REASON_INVALID_SPLIT: ErrorReason.ValueType  # 17
 """A split is malformed: no parties, a negative or non-integer weight, or weights that sum to zero (status INVALID_ARGUMENT)."""
+ERROR_REASON_PAYMENT_FAILED: ErrorReason.ValueType  # 18
+"""The payment provider refused a payment or refund, for example a declined card (status FAILED_PRECONDITION)."""
+ERROR_REASON_UNAVAILABLE: ErrorReason.ValueType  # 19
+"""A dependency such as PostgreSQL or the payment provider is unreachable; retry with the same id (status UNAVAILABLE)."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
