@@ -172,13 +172,17 @@ def topic_for(service_name: str) -> str:
     return f"citytap.{service_name}.v1.events"
 
 
-def open_standard(settings: CommonSettings, name: str, migrations: Path, registrations: list[Any]) -> tuple[BaseApp, Any, Publisher]:
+def open_standard(settings: CommonSettings, name: str, migrations: Path, registrations: list[Any], *,
+                  topic: str | None = None) -> tuple[BaseApp, Any, Publisher]:
     """The part every service's composition root shares: a gRPC server on the listen
-    address, its schema migrated and pooled, its topic created, and its outbox relay."""
-    server = create_server(settings.listen_address, registrations, domain=f"{name}.citytap")
+    address, its schema (`name`) migrated and pooled, its topic created, and its outbox
+    relay. `topic` defaults to the service's `citytap.<name>.v1.events`."""
+    domain = (topic or topic_for(name)).split(".")[1]
+    server = create_server(settings.listen_address, registrations, domain=f"{domain}.citytap")
     app = BaseApp(server)
     pool = open_postgres(app, settings.postgres_dsn, schema=name, migrations=migrations)
-    publisher = open_publisher(app, settings.kafka_bootstrap, client_id=f"citytap-{name}", topics=[topic_for(name)])
+    publisher = open_publisher(app, settings.kafka_bootstrap, client_id=f"citytap-{name}",
+                               topics=[topic or topic_for(name)])
     if settings.outbox_relay_in_process:
         open_outbox(app, pool, schema=name, publisher=publisher)
     else:

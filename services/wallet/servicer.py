@@ -1,0 +1,120 @@
+"""The wallet's gRPC entrypoint: proto in, one service-layer call, proto out.
+
+Errors are raised as `libs.errors` exceptions and mapped to status codes by the interceptor
+of `libs.grpc_server`. TopUp and RefundTopUp come from the `TopUpRpcs` mixin (see
+topups.py). RegisterDevice is not overridden: the generated base class answers
+UNIMPLEMENTED until the phone issue lands.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from citytap.wallet.v1 import wallet_pb2, wallet_pb2_grpc
+from libs import errors
+from libs.grpc_server import Registration
+from services.wallet import convert
+from services.wallet.ledger import Ledger
+from services.wallet.topups import TopUpRpcs
+
+SERVICE_NAME = "citytap.wallet.v1.WalletService"
+
+
+class WalletServicer(TopUpRpcs, wallet_pb2_grpc.WalletServiceServicer):
+    """Thin adapter over `Ledger`; `attach` gives it the ledger once the pool is open."""
+
+    def __init__(self, ledger: Ledger | None = None) -> None:
+        self._ledger = ledger
+
+    def attach(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+
+    @property
+    def ledger(self) -> Ledger:
+        if self._ledger is None:
+            raise errors.Unavailable("UNAVAILABLE", "the wallet is still starting")
+        return self._ledger
+
+    # --- accounts and credentials --------------------------------------------------------
+
+    def CreateAccount(self, request: wallet_pb2.CreateAccountRequest, context: grpc.ServicerContext) -> wallet_pb2.CreateAccountResponse:
+        account = self.ledger.create_account(convert.create_account_request(request))
+        return wallet_pb2.CreateAccountResponse(account=convert.account_to_proto(account))
+
+    def GetAccount(self, request: wallet_pb2.GetAccountRequest, context: grpc.ServicerContext) -> wallet_pb2.GetAccountResponse:
+        account, cards = self.ledger.get_account(request.account_id)
+        return wallet_pb2.GetAccountResponse(account=convert.account_to_proto(account),
+                                             cards=[convert.card_to_proto(c) for c in cards])
+
+    def LinkCard(self, request: wallet_pb2.LinkCardRequest, context: grpc.ServicerContext) -> wallet_pb2.LinkCardResponse:
+        card = self.ledger.link_card(request.account_id, request.card_uid, request.label)
+        return wallet_pb2.LinkCardResponse(card=convert.card_to_proto(card))
+
+    def UnlinkCard(self, request: wallet_pb2.UnlinkCardRequest, context: grpc.ServicerContext) -> wallet_pb2.UnlinkCardResponse:
+        unlinked_at = self.ledger.unlink_card(request.account_id, request.card_id)
+        return wallet_pb2.UnlinkCardResponse(unlinked_at=convert.timestamp(unlinked_at))
+
+    def BlockAccount(self, request: wallet_pb2.BlockAccountRequest, context: grpc.ServicerContext) -> wallet_pb2.BlockAccountResponse:
+        account = self.ledger.block_account(request.account_id, convert.block_reason_from_proto(request.reason),
+                                            request.note)
+        return wallet_pb2.BlockAccountResponse(account=convert.account_to_proto(account))
+
+    def UnblockAccount(self, request: wallet_pb2.UnblockAccountRequest, context: grpc.ServicerContext) -> wallet_pb2.UnblockAccountResponse:
+        account = self.ledger.unblock_account(request.account_id, request.note)
+        return wallet_pb2.UnblockAccountResponse(account=convert.account_to_proto(account))
+
+    def ResolveCredential(self, request: wallet_pb2.ResolveCredentialRequest, context: grpc.ServicerContext) -> wallet_pb2.ResolveCredentialResponse:
+        kind = request.credential.WhichOneof("kind")
+        if kind is None:
+            raise errors.InvalidArgument("INVALID_ARGUMENT", "credential must carry one credential", field="credential")
+        if kind in ("face_embedding", "face_frames"):
+            raise errors.InvalidArgument("UNSUPPORTED_CREDENTIAL", "faces resolve through the face service",
+                                         field=f"credential.{kind}")
+        if kind in ("phone_qr", "nfc_token"):
+            raise errors.InvalidArgument("UNSUPPORTED_CREDENTIAL",
+                                         "phone QR and NFC credentials are not resolved yet: they arrive with "
+                                         "RegisterDevice; only card UIDs resolve today", field=f"credential.{kind}")
+        resolution = self.ledger.resolve_card(request.credential.card_uid)
+        return wallet_pb2.ResolveCredentialResponse(account_id=resolution.account_id,
+                                                    status=convert.status_to_proto(resolution.status),
+                                                    rider_category=resolution.rider_category)
+
+    # --- the ledger -----------------------------------------------------------------------
+
+    def GetBalance(self, request: wallet_pb2.GetBalanceRequest, context: grpc.ServicerContext) -> wallet_pb2.GetBalanceResponse:
+        balance = self.ledger.get_balance(request.account_id)
+        account = balance.account
+        return wallet_pb2.GetBalanceResponse(
+            balance=convert.money(account.balance_minor, account.currency),
+            held=convert.money(account.pending_debits_minor, account.currency),
+            available=convert.money(account.available_minor, account.currency),
+            holds=[convert.hold_to_proto(h) for h in balance.holds],
+        )
+
+    def CreateHold(self, request: wallet_pb2.CreateHoldRequest, context: grpc.ServicerContext) -> wallet_pb2.CreateHoldResponse:
+        hold = self.ledger.create_hold(convert.hold_request(request))
+        return wallet_pb2.CreateHoldResponse(hold=convert.hold_to_proto(hold))
+
+    def PostHold(self, request: wallet_pb2.PostHoldRequest, context: grpc.ServicerContext) -> wallet_pb2.PostHoldResponse:
+        hold, transfer = self.ledger.post_hold(convert.post_request(request))
+        return wallet_pb2.PostHoldResponse(hold=convert.hold_to_proto(hold), transfer=convert.transfer_to_proto(transfer))
+
+    def VoidHold(self, request: wallet_pb2.VoidHoldRequest, context: grpc.ServicerContext) -> wallet_pb2.VoidHoldResponse:
+        return wallet_pb2.VoidHoldResponse(hold=convert.hold_to_proto(self.ledger.void_hold(request.hold_id)))
+
+    def CreateTransfers(self, request: wallet_pb2.CreateTransfersRequest, context: grpc.ServicerContext) -> wallet_pb2.CreateTransfersResponse:
+        requests = [convert.transfer_request(t, index) for index, t in enumerate(request.transfers)]
+        transfers = self.ledger.create_transfers(requests)
+        return wallet_pb2.CreateTransfersResponse(transfers=[convert.transfer_to_proto(t) for t in transfers])
+
+    def ListHistory(self, request: wallet_pb2.ListHistoryRequest, context: grpc.ServicerContext) -> wallet_pb2.ListHistoryResponse:
+        entries, token = self.ledger.list_history(
+            request.account_id, page_size_requested=request.page_size, page_token=request.page_token,
+            start_at=convert.datetime_from_proto(request, "start_at"),
+            end_at=convert.datetime_from_proto(request, "end_at"))
+        return wallet_pb2.ListHistoryResponse(entries=[convert.history_entry_to_proto(e) for e in entries],
+                                              next_page_token=token)
+
+
+def registration(servicer: WalletServicer) -> Registration:
+    return Registration(wallet_pb2_grpc.add_WalletServiceServicer_to_server, servicer, SERVICE_NAME)
