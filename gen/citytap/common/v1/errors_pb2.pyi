@@ -62,6 +62,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The payment provider refused a payment or refund, for example a declined card (status FAILED_PRECONDITION)."""
     ERROR_REASON_UNAVAILABLE: _ErrorReason.ValueType  # 19
     """A dependency such as PostgreSQL or the payment provider is unreachable; retry with the same id (status UNAVAILABLE)."""
+    ERROR_REASON_INVALID_ARGUMENT: _ErrorReason.ValueType  # 20
+    """A field is malformed in a way no more specific reason names, such as an id with forbidden characters; metadata "field" names it (status INVALID_ARGUMENT)."""
+    ERROR_REASON_HOLD_EXPIRED: _ErrorReason.ValueType  # 21
+    """The hold's expiry has passed, so it can no longer be posted; its funds were released (status FAILED_PRECONDITION)."""
+    ERROR_REASON_UNSUPPORTED_CREDENTIAL: _ErrorReason.ValueType  # 22
+    """The credential is of a kind this service or this version does not accept here (status INVALID_ARGUMENT)."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists the machine-readable reasons a CityTap RPC can fail with.
@@ -117,4 +123,10 @@ ERROR_REASON_PAYMENT_FAILED: ErrorReason.ValueType  # 18
 """The payment provider refused a payment or refund, for example a declined card (status FAILED_PRECONDITION)."""
 ERROR_REASON_UNAVAILABLE: ErrorReason.ValueType  # 19
 """A dependency such as PostgreSQL or the payment provider is unreachable; retry with the same id (status UNAVAILABLE)."""
+ERROR_REASON_INVALID_ARGUMENT: ErrorReason.ValueType  # 20
+"""A field is malformed in a way no more specific reason names, such as an id with forbidden characters; metadata "field" names it (status INVALID_ARGUMENT)."""
+ERROR_REASON_HOLD_EXPIRED: ErrorReason.ValueType  # 21
+"""The hold's expiry has passed, so it can no longer be posted; its funds were released (status FAILED_PRECONDITION)."""
+ERROR_REASON_UNSUPPORTED_CREDENTIAL: ErrorReason.ValueType  # 22
+"""The credential is of a kind this service or this version does not accept here (status INVALID_ARGUMENT)."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
