@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 
 from libs.service import BaseApp, open_redis, open_standard
-from services.wallet.deny_list import RedisDenyList
+from services.wallet.deny_list import RedisDenyList, deny_list_key
 from services.wallet.ledger import Ledger, LedgerConfig, utc_now
 from services.wallet.servicer import WalletServicer, registration
 from services.wallet.settings import Settings
@@ -42,7 +42,8 @@ def build(settings: Settings, *, clock: Callable[[], datetime] = utc_now) -> Bas
     app, pool, _publisher = open_standard(settings, schema, MIGRATIONS, registrations=[registration(servicer)],
                                           topic=TOPIC)
     redis = open_redis(app, settings.redis_url)
-    ledger = Ledger(pool, schema=schema, config=config, deny_list=RedisDenyList(redis), clock=clock)
+    deny_list = RedisDenyList(redis, key=deny_list_key(schema))
+    ledger = Ledger(pool, schema=schema, config=config, deny_list=deny_list, clock=clock)
     ledger.ensure_system_accounts()
     ledger.rebuild_deny_list()
     servicer.attach(ledger)

@@ -20,6 +20,14 @@ import redis
 from libs import errors
 
 DENY_LIST_KEY = "citytap:wallet:deny-list"
+DEFAULT_SCHEMA = "wallet"
+
+
+def deny_list_key(schema: str) -> str:
+    """The deny list's Redis key for a wallet on `schema`: the well-known key fare-gate reads
+    for the production schema, and a key of its own for an isolated instance (a test wallet
+    on a scratch schema must never replace the real deny list when it rebuilds its own)."""
+    return DENY_LIST_KEY if schema == DEFAULT_SCHEMA else f"{DENY_LIST_KEY}:{schema}"
 # Members written per Redis command, so a large rebuild never sends one huge command.
 CHUNK_MEMBERS_MAX = 1000
 

@@ -20,7 +20,7 @@ from libs.grpc_client import connect
 from libs.redis_client import create_redis
 from libs.settings import load
 from services.wallet.bootstrap import build
-from services.wallet.deny_list import DENY_LIST_KEY
+from services.wallet.deny_list import DENY_LIST_KEY, deny_list_key
 from services.wallet.domain import (
     AccountKind,
     BlockReason,
@@ -169,7 +169,8 @@ def test_the_built_wallet_serves_publishes_and_keeps_the_deny_list(kafka_bootstr
                                                        kind=wallet_pb2.TRANSFER_KIND_FARE, expires_at=soon))
         client.LinkCard(wallet_pb2.LinkCardRequest(account_id=rider, card_uid=uid))
         client.BlockAccount(wallet_pb2.BlockAccountRequest(account_id=rider, reason=wallet_pb2.BLOCK_REASON_LOST_OR_STOLEN))
-        assert redis.sismember(DENY_LIST_KEY, f"account:{rider}")
+        assert redis.sismember(deny_list_key(settings.schema), f"account:{rider}")
+        assert not redis.sismember(DENY_LIST_KEY, f"account:{rider}")  # the real wallet's list is untouched
         # The sweeper worker expires the hold on its own (nothing here reads the balance, which
         # would expire it lazily).
         deadline = time.monotonic() + 10
@@ -178,7 +179,7 @@ def test_the_built_wallet_serves_publishes_and_keeps_the_deny_list(kafka_bootstr
                     f"SELECT 1 FROM {settings.schema}.pending_holds WHERE hold_id = %s", (f"{rider}-tap",)).fetchone():
                 time.sleep(0.1)
         client.UnblockAccount(wallet_pb2.UnblockAccountRequest(account_id=rider))
-        assert not redis.sismember(DENY_LIST_KEY, f"account:{rider}")
+        assert not redis.sismember(deny_list_key(settings.schema), f"account:{rider}")
 
         expected = ["AccountCreated", "TransferPosted", "TransferPosted", "HoldPlaced", "CardLinked", "AccountBlocked",
                     "AccountUnblocked"]
