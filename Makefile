@@ -5,7 +5,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 PY := .venv/bin/python
 
-.PHONY: help bootstrap provision proto proto-check up down status demo test test-unit reset bench-transfers
+.PHONY: help bootstrap provision proto proto-check up down status demo test test-unit reset bench-transfers bench-taps
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -47,3 +47,9 @@ test-unit: bootstrap ## Only the unit tier (no I/O, seconds).
 reset: ## Stop the dev stack and delete its data (keeps downloaded jars and binaries).
 	@bash infra/services.sh down
 	@bash infra/components.sh reset
+
+bench-taps: up ## Tap latency at 200 taps/s and the highest sustained rate, open loop (BENCH_QUICK=1: 10 s steps).
+	@source infra/env.sh && $(PY) -m loadtests.taps
+
+bench-transfers: up ## Benchmark posted transfers/s through the wallet's gRPC API against pgbench (dev stack).
+	@source infra/env.sh && $(PY) -m loadtests.wallet_transfers
