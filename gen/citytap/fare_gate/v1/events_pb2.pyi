@@ -182,6 +182,8 @@ class JourneyStarted(_message.Message):
     STARTED_AT_FIELD_NUMBER: _builtins.int
     HOLD_ID_FIELD_NUMBER: _builtins.int
     AMOUNT_HELD_FIELD_NUMBER: _builtins.int
+    NETWORK_ID_FIELD_NUMBER: _builtins.int
+    ENTRY_GATE_ID_FIELD_NUMBER: _builtins.int
     journey_id: _builtins.str
     """The id of the journey."""
     entry_tap_id: _builtins.str
@@ -190,6 +192,10 @@ class JourneyStarted(_message.Message):
     """The GTFS stop_id where the journey began."""
     hold_id: _builtins.str
     """The wallet hold placed for the maximum fare."""
+    network_id: _builtins.str
+    """The GTFS-Fares network_id the journey runs on."""
+    entry_gate_id: _builtins.str
+    """The gate that read the entry tap."""
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp:
         """When the entry tap was read."""
@@ -207,10 +213,12 @@ class JourneyStarted(_message.Message):
         started_at: _timestamp_pb2.Timestamp | None = ...,
         hold_id: _builtins.str = ...,
         amount_held: _money_pb2.Money | None = ...,
+        network_id: _builtins.str = ...,
+        entry_gate_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["amount_held", b"amount_held", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_held", b"amount_held", "entry_stop_id", b"entry_stop_id", "entry_tap_id", b"entry_tap_id", "hold_id", b"hold_id", "journey_id", b"journey_id", "started_at", b"started_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_held", b"amount_held", "entry_gate_id", b"entry_gate_id", "entry_stop_id", b"entry_stop_id", "entry_tap_id", b"entry_tap_id", "hold_id", b"hold_id", "journey_id", b"journey_id", "network_id", b"network_id", "started_at", b"started_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -232,6 +240,8 @@ class JourneyCompleted(_message.Message):
     FARE_FIELD_NUMBER: _builtins.int
     FARE_PRODUCT_ID_FIELD_NUMBER: _builtins.int
     TRANSFER_ID_FIELD_NUMBER: _builtins.int
+    NETWORK_ID_FIELD_NUMBER: _builtins.int
+    RIDER_CATEGORY_FIELD_NUMBER: _builtins.int
     journey_id: _builtins.str
     """The id of the journey."""
     entry_tap_id: _builtins.str
@@ -245,7 +255,11 @@ class JourneyCompleted(_message.Message):
     fare_product_id: _builtins.str
     """The GTFS-Fares fare_product_id the fare comes from."""
     transfer_id: _builtins.str
-    """The wallet transfer that moved the fare; its split lines travel with the wallet's TransferPosted event."""
+    """The wallet transfer that moved the fare; its split lines travel with the wallet's TransferPosted event. It is empty when the fare was zero, and names a correcting transfer when the fare was negative."""
+    network_id: _builtins.str
+    """The GTFS-Fares network_id the journey ran on."""
+    rider_category: _builtins.str
+    """The GTFS-Fares rider_category_id the fare was priced for."""
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp:
         """When the journey began."""
@@ -256,7 +270,7 @@ class JourneyCompleted(_message.Message):
 
     @_builtins.property
     def fare(self) -> _money_pb2.Money:
-        """The fare charged after caps and transfer discounts."""
+        """The fare charged after caps and transfer discounts; it is signed, and negative when joining this journey to the one before it refunds part of that journey's fare."""
 
     def __init__(
         self,
@@ -271,10 +285,12 @@ class JourneyCompleted(_message.Message):
         fare: _money_pb2.Money | None = ...,
         fare_product_id: _builtins.str = ...,
         transfer_id: _builtins.str = ...,
+        network_id: _builtins.str = ...,
+        rider_category: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ended_at", b"ended_at", "fare", b"fare", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ended_at", b"ended_at", "entry_stop_id", b"entry_stop_id", "entry_tap_id", b"entry_tap_id", "exit_stop_id", b"exit_stop_id", "exit_tap_id", b"exit_tap_id", "fare", b"fare", "fare_product_id", b"fare_product_id", "journey_id", b"journey_id", "started_at", b"started_at", "transfer_id", b"transfer_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ended_at", b"ended_at", "entry_stop_id", b"entry_stop_id", "entry_tap_id", b"entry_tap_id", "exit_stop_id", b"exit_stop_id", "exit_tap_id", b"exit_tap_id", "fare", b"fare", "fare_product_id", b"fare_product_id", "journey_id", b"journey_id", "network_id", b"network_id", "rider_category", b"rider_category", "started_at", b"started_at", "transfer_id", b"transfer_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -293,6 +309,7 @@ class JourneyIncomplete(_message.Message):
     CLOSED_AT_FIELD_NUMBER: _builtins.int
     FARE_FIELD_NUMBER: _builtins.int
     TRANSFER_ID_FIELD_NUMBER: _builtins.int
+    NETWORK_ID_FIELD_NUMBER: _builtins.int
     journey_id: _builtins.str
     """The id of the journey."""
     entry_tap_id: _builtins.str
@@ -301,6 +318,8 @@ class JourneyIncomplete(_message.Message):
     """The GTFS stop_id where the journey began."""
     transfer_id: _builtins.str
     """The wallet transfer that moved the fare."""
+    network_id: _builtins.str
+    """The GTFS-Fares network_id the journey ran on."""
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp:
         """When the journey began."""
@@ -323,10 +342,11 @@ class JourneyIncomplete(_message.Message):
         closed_at: _timestamp_pb2.Timestamp | None = ...,
         fare: _money_pb2.Money | None = ...,
         transfer_id: _builtins.str = ...,
+        network_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["closed_at", b"closed_at", "fare", b"fare", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed_at", b"closed_at", "entry_stop_id", b"entry_stop_id", "entry_tap_id", b"entry_tap_id", "fare", b"fare", "journey_id", b"journey_id", "started_at", b"started_at", "transfer_id", b"transfer_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed_at", b"closed_at", "entry_stop_id", b"entry_stop_id", "entry_tap_id", b"entry_tap_id", "fare", b"fare", "journey_id", b"journey_id", "network_id", b"network_id", "started_at", b"started_at", "transfer_id", b"transfer_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -27,55 +27,55 @@ from citytap.common.v1 import money_pb2 as citytap_dot_common_dot_v1_dot_money__
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$citytap/fare_gate/v1/fare_gate.proto\x12\x14\x63itytap.fare_gate.v1\x1a\"citytap/common/v1/credential.proto\x1a\x1d\x63itytap/common/v1/money.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe9\x01\n\nTapRequest\x12\x0e\n\x06tap_id\x18\x01 \x01(\t\x12\x0f\n\x07gate_id\x18\x02 \x01(\t\x12\x0f\n\x07stop_id\x18\x03 \x01(\t\x12\x35\n\tdirection\x18\x04 \x01(\x0e\x32\".citytap.fare_gate.v1.TapDirection\x12-\n\ttapped_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\ncredential\x18\x06 \x01(\x0b\x32\x1d.citytap.common.v1.Credential\x12\x10\n\x08route_id\x18\x07 \x01(\t\"\x91\x02\n\x0bTapResponse\x12\x33\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32!.citytap.fare_gate.v1.TapDecision\x12/\n\x06reason\x18\x02 \x01(\x0e\x32\x1f.citytap.fare_gate.v1.TapReason\x12.\n\x0c\x66\x61re_charged\x18\x03 \x01(\x0b\x32\x18.citytap.common.v1.Money\x12-\n\x0b\x61mount_held\x18\x04 \x01(\x0b\x32\x18.citytap.common.v1.Money\x12)\n\x07\x62\x61lance\x18\x05 \x01(\x0b\x32\x18.citytap.common.v1.Money\x12\x12\n\njourney_id\x18\x06 \x01(\t\"\x82\x01\n\x10QuoteFareRequest\x12\x14\n\x0c\x66rom_stop_id\x18\x01 \x01(\t\x12\x12\n\nto_stop_id\x18\x02 \x01(\t\x12,\n\x08start_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0erider_category\x18\x04 \x01(\t\"T\n\x11QuoteFareResponse\x12&\n\x04\x66\x61re\x18\x01 \x01(\x0b\x32\x18.citytap.common.v1.Money\x12\x17\n\x0f\x66\x61re_product_id\x18\x02 \x01(\t\"\'\n\x14GetGateConfigRequest\x12\x0f\n\x07gate_id\x18\x01 \x01(\t\"I\n\x15GetGateConfigResponse\x12\x30\n\x06\x63onfig\x18\x01 \x01(\x0b\x32 .citytap.fare_gate.v1.GateConfig\"\xcd\x01\n\nGateConfig\x12\x0f\n\x07gate_id\x18\x01 \x01(\t\x12\x0f\n\x07stop_id\x18\x02 \x01(\t\x12,\n\x04kind\x18\x03 \x01(\x0e\x32\x1e.citytap.fare_gate.v1.GateKind\x12\x17\n\x0ftap_deadline_ms\x18\x04 \x01(\x05\x12!\n\x19\x62undle_refresh_interval_s\x18\x05 \x01(\x05\x12 \n\x18offline_upload_batch_max\x18\x06 \x01(\x05\x12\x11\n\ttime_zone\x18\x07 \x01(\t\">\n\x14GetGateBundleRequest\x12\x0f\n\x07gate_id\x18\x01 \x01(\t\x12\x15\n\rknown_version\x18\x02 \x01(\x03\"c\n\x15GetGateBundleResponse\x12\x36\n\x06\x62undle\x18\x01 \x01(\x0b\x32&.citytap.fare_gate.v1.SignedGateBundle\x12\x12\n\nup_to_date\x18\x02 \x01(\x08\"N\n\x10SignedGateBundle\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x16\n\x0esigning_key_id\x18\x03 \x01(\t\"\x88\x02\n\nGateBundle\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0f\n\x07gate_id\x18\x02 \x01(\t\x12-\n\tissued_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x66\x61re_tables\x18\x05 \x01(\x0c\x12\x31\n\tdeny_list\x18\x06 \x01(\x0b\x32\x1e.citytap.fare_gate.v1.DenyList\x12\x31\n\x0bissuer_keys\x18\x07 \x03(\x0b\x32\x1c.citytap.common.v1.IssuerKey\"x\n\x08\x44\x65nyList\x12\x10\n\x08hash_key\x18\x01 \x01(\x0c\x12\x17\n\x0f\x63\x61rd_uid_hashes\x18\x02 \x03(\x0c\x12\x18\n\x10nfc_token_hashes\x18\x03 \x03(\x0c\x12\x12\n\ndevice_ids\x18\x04 \x03(\t\x12\x13\n\x0b\x61\x63\x63ount_ids\x18\x05 \x03(\t\"[\n\x18UploadOfflineTapsRequest\x12\x0f\n\x07gate_id\x18\x01 \x01(\t\x12.\n\x04taps\x18\x02 \x03(\x0b\x32 .citytap.fare_gate.v1.OfflineTap\"\xe2\x02\n\nOfflineTap\x12\x0e\n\x06tap_id\x18\x01 \x01(\t\x12\x0f\n\x07stop_id\x18\x02 \x01(\t\x12\x35\n\tdirection\x18\x03 \x01(\x0e\x32\".citytap.fare_gate.v1.TapDirection\x12-\n\ttapped_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\ncredential\x18\x05 \x01(\x0b\x32\x1d.citytap.common.v1.Credential\x12\x10\n\x08route_id\x18\x06 \x01(\t\x12\x39\n\x0elocal_decision\x18\x07 \x01(\x0e\x32!.citytap.fare_gate.v1.TapDecision\x12\x35\n\x0clocal_reason\x18\x08 \x01(\x0e\x32\x1f.citytap.fare_gate.v1.TapReason\x12\x16\n\x0e\x62undle_version\x18\t \x01(\x03\"T\n\x19UploadOfflineTapsResponse\x12\x37\n\x07results\x18\x01 \x03(\x0b\x32&.citytap.fare_gate.v1.OfflineTapResult\"\xcf\x01\n\x10OfflineTapResult\x12\x0e\n\x06tap_id\x18\x01 \x01(\t\x12\x38\n\x07outcome\x18\x02 \x01(\x0e\x32\'.citytap.fare_gate.v1.OfflineTapOutcome\x12.\n\x0c\x66\x61re_charged\x18\x03 \x01(\x0b\x32\x18.citytap.common.v1.Money\x12-\n\x0b\x61mount_owed\x18\x04 \x01(\x0b\x32\x18.citytap.common.v1.Money\x12\x12\n\njourney_id\x18\x05 \x01(\t*z\n\x0cTapDirection\x12\x1d\n\x19TAP_DIRECTION_UNSPECIFIED\x10\x00\x12\x17\n\x13TAP_DIRECTION_ENTRY\x10\x01\x12\x16\n\x12TAP_DIRECTION_EXIT\x10\x02\x12\x1a\n\x16TAP_DIRECTION_VALIDATE\x10\x03*Y\n\x0bTapDecision\x12\x1c\n\x18TAP_DECISION_UNSPECIFIED\x10\x00\x12\x15\n\x11TAP_DECISION_OPEN\x10\x01\x12\x15\n\x11TAP_DECISION_DENY\x10\x02*\xbd\x03\n\tTapReason\x12\x1a\n\x16TAP_REASON_UNSPECIFIED\x10\x00\x12\x11\n\rTAP_REASON_OK\x10\x01\x12(\n$TAP_REASON_DENIED_UNKNOWN_CREDENTIAL\x10\x02\x12(\n$TAP_REASON_DENIED_INVALID_CREDENTIAL\x10\x03\x12(\n$TAP_REASON_DENIED_EXPIRED_CREDENTIAL\x10\x04\x12)\n%TAP_REASON_DENIED_REPLAYED_CREDENTIAL\x10\x05\x12%\n!TAP_REASON_DENIED_LIVENESS_FAILED\x10\x06\x12\x1d\n\x19TAP_REASON_DENIED_BLOCKED\x10\x07\x12 \n\x1cTAP_REASON_DENIED_DOUBLE_TAP\x10\x08\x12\x1e\n\x1aTAP_REASON_DENIED_PASSBACK\x10\t\x12*\n&TAP_REASON_DENIED_INSUFFICIENT_BALANCE\x10\n\x12$\n TAP_REASON_DENIED_LIMIT_EXCEEDED\x10\x0b*b\n\x08GateKind\x12\x19\n\x15GATE_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16GATE_KIND_STATION_GATE\x10\x01\x12\x1f\n\x1bGATE_KIND_VEHICLE_VALIDATOR\x10\x02*\xc5\x01\n\x11OfflineTapOutcome\x12#\n\x1fOFFLINE_TAP_OUTCOME_UNSPECIFIED\x10\x00\x12\x1f\n\x1bOFFLINE_TAP_OUTCOME_CHARGED\x10\x01\x12\x1e\n\x1aOFFLINE_TAP_OUTCOME_UNPAID\x10\x02\x12*\n&OFFLINE_TAP_OUTCOME_UNKNOWN_CREDENTIAL\x10\x03\x12\x1e\n\x1aOFFLINE_TAP_OUTCOME_DENIED\x10\x04\x32\x85\x04\n\x0f\x46\x61reGateService\x12J\n\x03Tap\x12 .citytap.fare_gate.v1.TapRequest\x1a!.citytap.fare_gate.v1.TapResponse\x12\\\n\tQuoteFare\x12&.citytap.fare_gate.v1.QuoteFareRequest\x1a\'.citytap.fare_gate.v1.QuoteFareResponse\x12h\n\rGetGateConfig\x12*.citytap.fare_gate.v1.GetGateConfigRequest\x1a+.citytap.fare_gate.v1.GetGateConfigResponse\x12h\n\rGetGateBundle\x12*.citytap.fare_gate.v1.GetGateBundleRequest\x1a+.citytap.fare_gate.v1.GetGateBundleResponse\x12t\n\x11UploadOfflineTaps\x12..citytap.fare_gate.v1.UploadOfflineTapsRequest\x1a/.citytap.fare_gate.v1.UploadOfflineTapsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$citytap/fare_gate/v1/fare_gate.proto\x12\x14\x63itytap.fare_gate.v1\x1a\"citytap/common/v1/credential.proto\x1a\x1d\x63itytap/common/v1/money.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe9\x01\n\nTapRequest\x12\x0e\n\x06tap_id\x18\x01 \x01(\t\x12\x0f\n\x07gate_id\x18\x02 \x01(\t\x12\x0f\n\x07stop_id\x18\x03 \x01(\t\x12\x35\n\tdirection\x18\x04 \x01(\x0e\x32\".citytap.fare_gate.v1.TapDirection\x12-\n\ttapped_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\ncredential\x18\x06 \x01(\x0b\x32\x1d.citytap.common.v1.Credential\x12\x10\n\x08route_id\x18\x07 \x01(\t\"\x91\x02\n\x0bTapResponse\x12\x33\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32!.citytap.fare_gate.v1.TapDecision\x12/\n\x06reason\x18\x02 \x01(\x0e\x32\x1f.citytap.fare_gate.v1.TapReason\x12.\n\x0c\x66\x61re_charged\x18\x03 \x01(\x0b\x32\x18.citytap.common.v1.Money\x12-\n\x0b\x61mount_held\x18\x04 \x01(\x0b\x32\x18.citytap.common.v1.Money\x12)\n\x07\x62\x61lance\x18\x05 \x01(\x0b\x32\x18.citytap.common.v1.Money\x12\x12\n\njourney_id\x18\x06 \x01(\t\"\xeb\x01\n\x10QuoteFareRequest\x12\x14\n\x0c\x66rom_stop_id\x18\x01 \x01(\t\x12\x12\n\nto_stop_id\x18\x02 \x01(\t\x12,\n\x08start_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0erider_category\x18\x04 \x01(\t\x12\x12\n\nnetwork_id\x18\x05 \x01(\t\x12\x10\n\x08route_id\x18\x06 \x01(\t\x12*\n\x06\x65nd_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rfare_media_id\x18\x08 \x01(\t\"~\n\x11QuoteFareResponse\x12&\n\x04\x66\x61re\x18\x01 \x01(\x0b\x32\x18.citytap.common.v1.Money\x12\x17\n\x0f\x66\x61re_product_id\x18\x02 \x01(\t\x12\x14\n\x0c\x66\x65\x65\x64_version\x18\x03 \x01(\t\x12\x12\n\nnetwork_id\x18\x04 \x01(\t\"\'\n\x14GetGateConfigRequest\x12\x0f\n\x07gate_id\x18\x01 \x01(\t\"I\n\x15GetGateConfigResponse\x12\x30\n\x06\x63onfig\x18\x01 \x01(\x0b\x32 .citytap.fare_gate.v1.GateConfig\"\xc1\x02\n\nGateConfig\x12\x0f\n\x07gate_id\x18\x01 \x01(\t\x12\x0f\n\x07stop_id\x18\x02 \x01(\t\x12,\n\x04kind\x18\x03 \x01(\x0e\x32\x1e.citytap.fare_gate.v1.GateKind\x12\x17\n\x0ftap_deadline_ms\x18\x04 \x01(\x05\x12!\n\x19\x62undle_refresh_interval_s\x18\x05 \x01(\x05\x12 \n\x18offline_upload_batch_max\x18\x06 \x01(\x05\x12\x11\n\ttime_zone\x18\x07 \x01(\t\x12\x14\n\x0c\x66\x65\x65\x64_version\x18\x08 \x01(\t\x12\x12\n\nnetwork_id\x18\t \x01(\t\x12\x10\n\x08route_id\x18\n \x01(\t\x12\x1b\n\x13\x64ouble_tap_window_s\x18\x0b \x01(\x05\x12\x19\n\x11passback_window_s\x18\x0c \x01(\x05\">\n\x14GetGateBundleRequest\x12\x0f\n\x07gate_id\x18\x01 \x01(\t\x12\x15\n\rknown_version\x18\x02 \x01(\x03\"c\n\x15GetGateBundleResponse\x12\x36\n\x06\x62undle\x18\x01 \x01(\x0b\x32&.citytap.fare_gate.v1.SignedGateBundle\x12\x12\n\nup_to_date\x18\x02 \x01(\x08\"N\n\x10SignedGateBundle\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x16\n\x0esigning_key_id\x18\x03 \x01(\t\"\x88\x02\n\nGateBundle\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0f\n\x07gate_id\x18\x02 \x01(\t\x12-\n\tissued_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x66\x61re_tables\x18\x05 \x01(\x0c\x12\x31\n\tdeny_list\x18\x06 \x01(\x0b\x32\x1e.citytap.fare_gate.v1.DenyList\x12\x31\n\x0bissuer_keys\x18\x07 \x03(\x0b\x32\x1c.citytap.common.v1.IssuerKey\"x\n\x08\x44\x65nyList\x12\x10\n\x08hash_key\x18\x01 \x01(\x0c\x12\x17\n\x0f\x63\x61rd_uid_hashes\x18\x02 \x03(\x0c\x12\x18\n\x10nfc_token_hashes\x18\x03 \x03(\x0c\x12\x12\n\ndevice_ids\x18\x04 \x03(\t\x12\x13\n\x0b\x61\x63\x63ount_ids\x18\x05 \x03(\t\"[\n\x18UploadOfflineTapsRequest\x12\x0f\n\x07gate_id\x18\x01 \x01(\t\x12.\n\x04taps\x18\x02 \x03(\x0b\x32 .citytap.fare_gate.v1.OfflineTap\"\xe2\x02\n\nOfflineTap\x12\x0e\n\x06tap_id\x18\x01 \x01(\t\x12\x0f\n\x07stop_id\x18\x02 \x01(\t\x12\x35\n\tdirection\x18\x03 \x01(\x0e\x32\".citytap.fare_gate.v1.TapDirection\x12-\n\ttapped_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\ncredential\x18\x05 \x01(\x0b\x32\x1d.citytap.common.v1.Credential\x12\x10\n\x08route_id\x18\x06 \x01(\t\x12\x39\n\x0elocal_decision\x18\x07 \x01(\x0e\x32!.citytap.fare_gate.v1.TapDecision\x12\x35\n\x0clocal_reason\x18\x08 \x01(\x0e\x32\x1f.citytap.fare_gate.v1.TapReason\x12\x16\n\x0e\x62undle_version\x18\t \x01(\x03\"T\n\x19UploadOfflineTapsResponse\x12\x37\n\x07results\x18\x01 \x03(\x0b\x32&.citytap.fare_gate.v1.OfflineTapResult\"\xcf\x01\n\x10OfflineTapResult\x12\x0e\n\x06tap_id\x18\x01 \x01(\t\x12\x38\n\x07outcome\x18\x02 \x01(\x0e\x32\'.citytap.fare_gate.v1.OfflineTapOutcome\x12.\n\x0c\x66\x61re_charged\x18\x03 \x01(\x0b\x32\x18.citytap.common.v1.Money\x12-\n\x0b\x61mount_owed\x18\x04 \x01(\x0b\x32\x18.citytap.common.v1.Money\x12\x12\n\njourney_id\x18\x05 \x01(\t*z\n\x0cTapDirection\x12\x1d\n\x19TAP_DIRECTION_UNSPECIFIED\x10\x00\x12\x17\n\x13TAP_DIRECTION_ENTRY\x10\x01\x12\x16\n\x12TAP_DIRECTION_EXIT\x10\x02\x12\x1a\n\x16TAP_DIRECTION_VALIDATE\x10\x03*Y\n\x0bTapDecision\x12\x1c\n\x18TAP_DECISION_UNSPECIFIED\x10\x00\x12\x15\n\x11TAP_DECISION_OPEN\x10\x01\x12\x15\n\x11TAP_DECISION_DENY\x10\x02*\xfb\x03\n\tTapReason\x12\x1a\n\x16TAP_REASON_UNSPECIFIED\x10\x00\x12\x11\n\rTAP_REASON_OK\x10\x01\x12(\n$TAP_REASON_DENIED_UNKNOWN_CREDENTIAL\x10\x02\x12(\n$TAP_REASON_DENIED_INVALID_CREDENTIAL\x10\x03\x12(\n$TAP_REASON_DENIED_EXPIRED_CREDENTIAL\x10\x04\x12)\n%TAP_REASON_DENIED_REPLAYED_CREDENTIAL\x10\x05\x12%\n!TAP_REASON_DENIED_LIVENESS_FAILED\x10\x06\x12\x1d\n\x19TAP_REASON_DENIED_BLOCKED\x10\x07\x12 \n\x1cTAP_REASON_DENIED_DOUBLE_TAP\x10\x08\x12\x1e\n\x1aTAP_REASON_DENIED_PASSBACK\x10\t\x12*\n&TAP_REASON_DENIED_INSUFFICIENT_BALANCE\x10\n\x12$\n TAP_REASON_DENIED_LIMIT_EXCEEDED\x10\x0b\x12\x1c\n\x18TAP_REASON_OK_DOUBLE_TAP\x10\x0c\x12\x1e\n\x1aTAP_REASON_DENIED_NO_ENTRY\x10\r*b\n\x08GateKind\x12\x19\n\x15GATE_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16GATE_KIND_STATION_GATE\x10\x01\x12\x1f\n\x1bGATE_KIND_VEHICLE_VALIDATOR\x10\x02*\xc5\x01\n\x11OfflineTapOutcome\x12#\n\x1fOFFLINE_TAP_OUTCOME_UNSPECIFIED\x10\x00\x12\x1f\n\x1bOFFLINE_TAP_OUTCOME_CHARGED\x10\x01\x12\x1e\n\x1aOFFLINE_TAP_OUTCOME_UNPAID\x10\x02\x12*\n&OFFLINE_TAP_OUTCOME_UNKNOWN_CREDENTIAL\x10\x03\x12\x1e\n\x1aOFFLINE_TAP_OUTCOME_DENIED\x10\x04\x32\x85\x04\n\x0f\x46\x61reGateService\x12J\n\x03Tap\x12 .citytap.fare_gate.v1.TapRequest\x1a!.citytap.fare_gate.v1.TapResponse\x12\\\n\tQuoteFare\x12&.citytap.fare_gate.v1.QuoteFareRequest\x1a\'.citytap.fare_gate.v1.QuoteFareResponse\x12h\n\rGetGateConfig\x12*.citytap.fare_gate.v1.GetGateConfigRequest\x1a+.citytap.fare_gate.v1.GetGateConfigResponse\x12h\n\rGetGateBundle\x12*.citytap.fare_gate.v1.GetGateBundleRequest\x1a+.citytap.fare_gate.v1.GetGateBundleResponse\x12t\n\x11UploadOfflineTaps\x12..citytap.fare_gate.v1.UploadOfflineTapsRequest\x1a/.citytap.fare_gate.v1.UploadOfflineTapsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'citytap.fare_gate.v1.fare_gate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TAPDIRECTION']._serialized_start=2597
-  _globals['_TAPDIRECTION']._serialized_end=2719
-  _globals['_TAPDECISION']._serialized_start=2721
-  _globals['_TAPDECISION']._serialized_end=2810
-  _globals['_TAPREASON']._serialized_start=2813
-  _globals['_TAPREASON']._serialized_end=3258
-  _globals['_GATEKIND']._serialized_start=3260
-  _globals['_GATEKIND']._serialized_end=3358
-  _globals['_OFFLINETAPOUTCOME']._serialized_start=3361
-  _globals['_OFFLINETAPOUTCOME']._serialized_end=3558
+  _globals['_TAPDIRECTION']._serialized_start=2860
+  _globals['_TAPDIRECTION']._serialized_end=2982
+  _globals['_TAPDECISION']._serialized_start=2984
+  _globals['_TAPDECISION']._serialized_end=3073
+  _globals['_TAPREASON']._serialized_start=3076
+  _globals['_TAPREASON']._serialized_end=3583
+  _globals['_GATEKIND']._serialized_start=3585
+  _globals['_GATEKIND']._serialized_end=3683
+  _globals['_OFFLINETAPOUTCOME']._serialized_start=3686
+  _globals['_OFFLINETAPOUTCOME']._serialized_end=3883
   _globals['_TAPREQUEST']._serialized_start=163
   _globals['_TAPREQUEST']._serialized_end=396
   _globals['_TAPRESPONSE']._serialized_start=399
   _globals['_TAPRESPONSE']._serialized_end=672
   _globals['_QUOTEFAREREQUEST']._serialized_start=675
-  _globals['_QUOTEFAREREQUEST']._serialized_end=805
-  _globals['_QUOTEFARERESPONSE']._serialized_start=807
-  _globals['_QUOTEFARERESPONSE']._serialized_end=891
-  _globals['_GETGATECONFIGREQUEST']._serialized_start=893
-  _globals['_GETGATECONFIGREQUEST']._serialized_end=932
-  _globals['_GETGATECONFIGRESPONSE']._serialized_start=934
-  _globals['_GETGATECONFIGRESPONSE']._serialized_end=1007
-  _globals['_GATECONFIG']._serialized_start=1010
-  _globals['_GATECONFIG']._serialized_end=1215
-  _globals['_GETGATEBUNDLEREQUEST']._serialized_start=1217
-  _globals['_GETGATEBUNDLEREQUEST']._serialized_end=1279
-  _globals['_GETGATEBUNDLERESPONSE']._serialized_start=1281
-  _globals['_GETGATEBUNDLERESPONSE']._serialized_end=1380
-  _globals['_SIGNEDGATEBUNDLE']._serialized_start=1382
-  _globals['_SIGNEDGATEBUNDLE']._serialized_end=1460
-  _globals['_GATEBUNDLE']._serialized_start=1463
-  _globals['_GATEBUNDLE']._serialized_end=1727
-  _globals['_DENYLIST']._serialized_start=1729
-  _globals['_DENYLIST']._serialized_end=1849
-  _globals['_UPLOADOFFLINETAPSREQUEST']._serialized_start=1851
-  _globals['_UPLOADOFFLINETAPSREQUEST']._serialized_end=1942
-  _globals['_OFFLINETAP']._serialized_start=1945
-  _globals['_OFFLINETAP']._serialized_end=2299
-  _globals['_UPLOADOFFLINETAPSRESPONSE']._serialized_start=2301
-  _globals['_UPLOADOFFLINETAPSRESPONSE']._serialized_end=2385
-  _globals['_OFFLINETAPRESULT']._serialized_start=2388
-  _globals['_OFFLINETAPRESULT']._serialized_end=2595
-  _globals['_FAREGATESERVICE']._serialized_start=3561
-  _globals['_FAREGATESERVICE']._serialized_end=4078
+  _globals['_QUOTEFAREREQUEST']._serialized_end=910
+  _globals['_QUOTEFARERESPONSE']._serialized_start=912
+  _globals['_QUOTEFARERESPONSE']._serialized_end=1038
+  _globals['_GETGATECONFIGREQUEST']._serialized_start=1040
+  _globals['_GETGATECONFIGREQUEST']._serialized_end=1079
+  _globals['_GETGATECONFIGRESPONSE']._serialized_start=1081
+  _globals['_GETGATECONFIGRESPONSE']._serialized_end=1154
+  _globals['_GATECONFIG']._serialized_start=1157
+  _globals['_GATECONFIG']._serialized_end=1478
+  _globals['_GETGATEBUNDLEREQUEST']._serialized_start=1480
+  _globals['_GETGATEBUNDLEREQUEST']._serialized_end=1542
+  _globals['_GETGATEBUNDLERESPONSE']._serialized_start=1544
+  _globals['_GETGATEBUNDLERESPONSE']._serialized_end=1643
+  _globals['_SIGNEDGATEBUNDLE']._serialized_start=1645
+  _globals['_SIGNEDGATEBUNDLE']._serialized_end=1723
+  _globals['_GATEBUNDLE']._serialized_start=1726
+  _globals['_GATEBUNDLE']._serialized_end=1990
+  _globals['_DENYLIST']._serialized_start=1992
+  _globals['_DENYLIST']._serialized_end=2112
+  _globals['_UPLOADOFFLINETAPSREQUEST']._serialized_start=2114
+  _globals['_UPLOADOFFLINETAPSREQUEST']._serialized_end=2205
+  _globals['_OFFLINETAP']._serialized_start=2208
+  _globals['_OFFLINETAP']._serialized_end=2562
+  _globals['_UPLOADOFFLINETAPSRESPONSE']._serialized_start=2564
+  _globals['_UPLOADOFFLINETAPSRESPONSE']._serialized_end=2648
+  _globals['_OFFLINETAPRESULT']._serialized_start=2651
+  _globals['_OFFLINETAPRESULT']._serialized_end=2858
+  _globals['_FAREGATESERVICE']._serialized_start=3886
+  _globals['_FAREGATESERVICE']._serialized_end=4403
 # @@protoc_insertion_point(module_scope)

@@ -104,6 +104,10 @@ class _TapReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TapReason.V
     """The available balance does not cover the fare or the maximum-fare hold."""
     TAP_REASON_DENIED_LIMIT_EXCEEDED: _TapReason.ValueType  # 11
     """The fare is above what a face match alone may charge."""
+    TAP_REASON_OK_DOUBLE_TAP: _TapReason.ValueType  # 12
+    """The same credential was let through at this gate moments ago, so the barrier opens again and nothing more is charged or held."""
+    TAP_REASON_DENIED_NO_ENTRY: _TapReason.ValueType  # 13
+    """An exit tap found no journey to end, because the credential did not enter or its journey was already closed."""
 
 class TapReason(_TapReason, metaclass=_TapReasonEnumTypeWrapper):
     """TapReason explains a tap decision to the gate, the rider and support staff.
@@ -136,6 +140,10 @@ TAP_REASON_DENIED_INSUFFICIENT_BALANCE: TapReason.ValueType  # 10
 """The available balance does not cover the fare or the maximum-fare hold."""
 TAP_REASON_DENIED_LIMIT_EXCEEDED: TapReason.ValueType  # 11
 """The fare is above what a face match alone may charge."""
+TAP_REASON_OK_DOUBLE_TAP: TapReason.ValueType  # 12
+"""The same credential was let through at this gate moments ago, so the barrier opens again and nothing more is charged or held."""
+TAP_REASON_DENIED_NO_ENTRY: TapReason.ValueType  # 13
+"""An exit tap found no journey to end, because the credential did not enter or its journey was already closed."""
 Global___TapReason: _TypeAlias = TapReason  # noqa: Y015
 
 class _GateKind:
@@ -302,15 +310,29 @@ class QuoteFareRequest(_message.Message):
     TO_STOP_ID_FIELD_NUMBER: _builtins.int
     START_AT_FIELD_NUMBER: _builtins.int
     RIDER_CATEGORY_FIELD_NUMBER: _builtins.int
+    NETWORK_ID_FIELD_NUMBER: _builtins.int
+    ROUTE_ID_FIELD_NUMBER: _builtins.int
+    END_AT_FIELD_NUMBER: _builtins.int
+    FARE_MEDIA_ID_FIELD_NUMBER: _builtins.int
     from_stop_id: _builtins.str
     """The GTFS stop_id where the journey starts."""
     to_stop_id: _builtins.str
     """The GTFS stop_id where the journey ends."""
     rider_category: _builtins.str
     """The GTFS-Fares rider_category_id to price for; empty means the default category."""
+    network_id: _builtins.str
+    """The GTFS-Fares network_id to price on; empty means the network of the route, or else the one network whose gates stand at the starting stop."""
+    route_id: _builtins.str
+    """The GTFS route_id ridden, which names the network; empty when network_id is given or the stop has gates of one network only."""
+    fare_media_id: _builtins.str
+    """The GTFS-Fares fare_media_id to price for; empty means the fare media the service uses for card taps."""
     @_builtins.property
     def start_at(self) -> _timestamp_pb2.Timestamp:
         """When the journey starts, which selects the fare timeframe."""
+
+    @_builtins.property
+    def end_at(self) -> _timestamp_pb2.Timestamp:
+        """When the journey ends, which selects the timeframe of the arrival; unset means the journey's end does not matter, as on a flat-fare bus."""
 
     def __init__(
         self,
@@ -319,10 +341,14 @@ class QuoteFareRequest(_message.Message):
         to_stop_id: _builtins.str = ...,
         start_at: _timestamp_pb2.Timestamp | None = ...,
         rider_category: _builtins.str = ...,
+        network_id: _builtins.str = ...,
+        route_id: _builtins.str = ...,
+        end_at: _timestamp_pb2.Timestamp | None = ...,
+        fare_media_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["start_at", b"start_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_at", b"end_at", "start_at", b"start_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_stop_id", b"from_stop_id", "rider_category", b"rider_category", "start_at", b"start_at", "to_stop_id", b"to_stop_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_at", b"end_at", "fare_media_id", b"fare_media_id", "from_stop_id", b"from_stop_id", "network_id", b"network_id", "rider_category", b"rider_category", "route_id", b"route_id", "start_at", b"start_at", "to_stop_id", b"to_stop_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -336,8 +362,14 @@ class QuoteFareResponse(_message.Message):
 
     FARE_FIELD_NUMBER: _builtins.int
     FARE_PRODUCT_ID_FIELD_NUMBER: _builtins.int
+    FEED_VERSION_FIELD_NUMBER: _builtins.int
+    NETWORK_ID_FIELD_NUMBER: _builtins.int
     fare_product_id: _builtins.str
     """The GTFS-Fares fare_product_id the fare comes from."""
+    feed_version: _builtins.str
+    """The version of the fare feed that priced the journey, which is a hash of its content."""
+    network_id: _builtins.str
+    """The GTFS-Fares network_id the journey was priced on."""
     @_builtins.property
     def fare(self) -> _money_pb2.Money:
         """The fare for the journey, before any cap or transfer discount the rider may have earned that day."""
@@ -347,10 +379,12 @@ class QuoteFareResponse(_message.Message):
         *,
         fare: _money_pb2.Money | None = ...,
         fare_product_id: _builtins.str = ...,
+        feed_version: _builtins.str = ...,
+        network_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["fare", b"fare"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fare", b"fare", "fare_product_id", b"fare_product_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fare", b"fare", "fare_product_id", b"fare_product_id", "feed_version", b"feed_version", "network_id", b"network_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -415,6 +449,11 @@ class GateConfig(_message.Message):
     BUNDLE_REFRESH_INTERVAL_S_FIELD_NUMBER: _builtins.int
     OFFLINE_UPLOAD_BATCH_MAX_FIELD_NUMBER: _builtins.int
     TIME_ZONE_FIELD_NUMBER: _builtins.int
+    FEED_VERSION_FIELD_NUMBER: _builtins.int
+    NETWORK_ID_FIELD_NUMBER: _builtins.int
+    ROUTE_ID_FIELD_NUMBER: _builtins.int
+    DOUBLE_TAP_WINDOW_S_FIELD_NUMBER: _builtins.int
+    PASSBACK_WINDOW_S_FIELD_NUMBER: _builtins.int
     gate_id: _builtins.str
     """The id of the gate."""
     stop_id: _builtins.str
@@ -429,6 +468,16 @@ class GateConfig(_message.Message):
     """The most taps the gate may send in one UploadOfflineTaps call."""
     time_zone: _builtins.str
     """The IANA time zone of the gate, such as "Europe/London", which fixes its service day."""
+    feed_version: _builtins.str
+    """The version of the fare feed the back office prices with, which is a hash of its content."""
+    network_id: _builtins.str
+    """The GTFS-Fares network_id of the gate's station or vehicle."""
+    route_id: _builtins.str
+    """The GTFS route_id a vehicle validator uses when a tap names none; empty for station gates."""
+    double_tap_window_s: _builtins.int
+    """How long after a tap that opened the barrier another tap of the same credential at this gate repeats that decision, in seconds."""
+    passback_window_s: _builtins.int
+    """How long after an entry a second entry of the same credential without an exit is refused, in seconds."""
     def __init__(
         self,
         *,
@@ -439,10 +488,15 @@ class GateConfig(_message.Message):
         bundle_refresh_interval_s: _builtins.int = ...,
         offline_upload_batch_max: _builtins.int = ...,
         time_zone: _builtins.str = ...,
+        feed_version: _builtins.str = ...,
+        network_id: _builtins.str = ...,
+        route_id: _builtins.str = ...,
+        double_tap_window_s: _builtins.int = ...,
+        passback_window_s: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_refresh_interval_s", b"bundle_refresh_interval_s", "gate_id", b"gate_id", "kind", b"kind", "offline_upload_batch_max", b"offline_upload_batch_max", "stop_id", b"stop_id", "tap_deadline_ms", b"tap_deadline_ms", "time_zone", b"time_zone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_refresh_interval_s", b"bundle_refresh_interval_s", "double_tap_window_s", b"double_tap_window_s", "feed_version", b"feed_version", "gate_id", b"gate_id", "kind", b"kind", "network_id", b"network_id", "offline_upload_batch_max", b"offline_upload_batch_max", "passback_window_s", b"passback_window_s", "route_id", b"route_id", "stop_id", b"stop_id", "tap_deadline_ms", b"tap_deadline_ms", "time_zone", b"time_zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
