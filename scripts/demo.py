@@ -1,21 +1,37 @@
 """The demo city, end to end, against the running stack (`make demo`).
 
-For now it proves the event backbone: a diagnostic event is written to a PostgreSQL outbox
-in one transaction, the outbox relay publishes it to the real Kafka broker, and a consumer
-with a PostgreSQL inbox receives and records it exactly once. Later steps add card, phone and
-face riders, merchants and the settlement day.
+1. Every service reports SERVING.
+2. The event backbone: a diagnostic event is written to a PostgreSQL outbox in one
+   transaction, the outbox relay publishes it to the real Kafka broker, and a consumer with a
+   PostgreSQL inbox receives and records it exactly once.
+3. A morning in the demo city: card riders tap through metro gates and bus validators (the
+   gate emulator plays services/fare_gate/emulator/scenarios/morning.json against the real
+   fare gate and wallet): distance fares, a metro-to-bus transfer discount, the daily cap,
+   a retry, a double tap, passback, an empty wallet and an exit without entry.
+4. The ledger adds up: what the riders were charged is what the operator's revenue account
+   received, and the sum over every wallet account is zero.
+
+Later issues add phone and face riders, merchants and the settlement day.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 import uuid
+from pathlib import Path
+
+import psycopg
 
 from citytap.common.v1 import diagnostics_pb2
+from citytap.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from libs import outbox
 from libs.events import ConsumerLoop, Publisher, ensure_topics
+from libs.grpc_client import connect
 from libs.grpc_health_probe import check
 from libs.outbox import OutboxRelay
 from libs.postgres import PostgresInbox, create_pool
@@ -23,6 +39,9 @@ from libs.postgres import PostgresInbox, create_pool
 SERVICES = ["fare_gate", "wallet", "face", "merchant", "settlement"]
 TOPIC = "citytap.diagnostics.v1.events"
 SCHEMA = "demo"
+ROOT = Path(__file__).resolve().parents[1]
+SCENARIO = ROOT / "services" / "fare_gate" / "emulator" / "scenarios" / "morning.json"
+OPERATOR_REVENUE = "system:operator-revenue:TWD"
 
 
 def step(text: str) -> None:
@@ -65,7 +84,9 @@ def main() -> int:
     group = f"citytap-demo-{uuid.uuid4().hex[:8]}"
 
     def record(received: diagnostics_pb2.DiagnosticEvent, tx: object) -> None:
-        tx.execute(f"INSERT INTO {SCHEMA}.pings_received (event_id, message) VALUES (%s, %s)",  # type: ignore[attr-defined]
+        # Each demo run joins a new consumer group, which also reads earlier runs' pings.
+        tx.execute(f"INSERT INTO {SCHEMA}.pings_received (event_id, message) VALUES (%s, %s)"  # type: ignore[attr-defined]
+                   " ON CONFLICT (event_id) DO NOTHING",
                    (received.event_id, received.ping_sent.message))
 
     consumer = ConsumerLoop(bootstrap=bootstrap, group_id=group, topics=[TOPIC],
@@ -90,8 +111,51 @@ def main() -> int:
         return 1
     print(f"  relayed to Kafka topic    {TOPIC} ({relayed} outbox row(s) published)")
     print(f"  consumed and recorded     message={row[0]!r} in {elapsed_ms:.0f} ms (includes joining a new group)")
-    print("\ndemo: every service is SERVING and the event made the round trip through the real broker.")
+    if not morning_in_the_city(env):
+        return 1
+    print("\ndemo: every service is SERVING, the event made the round trip through the real broker,")
+    print("      the riders' journeys were priced and charged, and the ledger adds up.")
     return 0
+
+
+def operator_revenue(stub: wallet_pb2_grpc.WalletServiceStub) -> int:
+    return stub.GetBalance(wallet_pb2.GetBalanceRequest(account_id=OPERATOR_REVENUE)).balance.amount_minor
+
+
+def morning_in_the_city(env: os._Environ[str]) -> bool:
+    step("a morning in the demo city: card riders at metro gates and bus validators")
+    wallet = wallet_pb2_grpc.WalletServiceStub(connect(env["CITYTAP_WALLET_ADDRESS"], default_timeout_s=5))
+    revenue_before = operator_revenue(wallet)
+    with tempfile.TemporaryDirectory() as scratch:
+        results_path = Path(scratch) / "morning.json"
+        played = subprocess.run(
+            [sys.executable, "-m", "services.fare_gate.emulator", "scenario", str(SCENARIO), "--setup",
+             "--fund", "loadtests.taps:ledger_funder", "--shift-to-now", "--json-out", str(results_path)],
+            cwd=ROOT, env=env, timeout=300)
+        if played.returncode != 0:
+            print("demo: the scenario did not play as expected (see above)", file=sys.stderr)
+            return False
+        taps = json.loads(results_path.read_text())
+    charged: dict[str, int] = {}
+    for tap in taps:
+        answer = tap.get("answer") or {}
+        charged.setdefault(answer.get("tap_id", tap["tap_id"]), answer.get("fare_minor", 0))
+    fares_minor = sum(charged.values())
+    revenue_gain = operator_revenue(wallet) - revenue_before
+
+    step("the ledger adds up")
+    print(f"  fares charged at the gates           TWD {fares_minor / 100:>10.2f}")
+    print(f"  operator revenue account received    TWD {revenue_gain / 100:>10.2f}")
+    with psycopg.connect(env["CITYTAP_POSTGRES_DSN"], connect_timeout=5) as conn:
+        sums = conn.execute("SELECT currency, sum(balance_minor)::bigint, count(*) FROM wallet.accounts"
+                            " GROUP BY currency").fetchall()
+    for currency, total, accounts in sums:
+        print(f"  sum over all {accounts} wallet accounts ({currency})  {total:>10d} minor units")
+    balanced = all(total == 0 for _, total, _ in sums)
+    if fares_minor != revenue_gain or not balanced:
+        print("demo: the ledger does not add up", file=sys.stderr)
+        return False
+    return True
 
 
 if __name__ == "__main__":
