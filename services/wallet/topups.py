@@ -965,9 +965,15 @@ class TopUps:
                                             "metadata": dict(refund.metadata)}})
                 self._store.record_event(conn, event, "UNKNOWN_REFUND", refund.metadata.get("top_up_id"), now)
                 return "UNKNOWN_REFUND", None
+            if row.state is RefundState.DEBITED:
+                # Stripe's answer to our refund request was lost, so it is not settled on our
+                # side yet; asking again with the same idempotency key replays that first
+                # answer, not this failure. Not recorded, answered 503: Stripe redelivers the
+                # event after the retry or the worker has settled the refund.
+                raise errors.Unavailable("UNAVAILABLE", f"refund {row.refund_id} is not settled yet",
+                                         refund_id=row.refund_id)
             if row.state is not RefundState.SUCCEEDED:
-                # Not finished on our side yet: the refund path itself sees the failure when
-                # it (or the worker) asks Stripe again with the same idempotency key.
+                # Being reversed already, or it never reached Stripe.
                 self._store.record_event(conn, event, "IGNORED_STATE", row.top_up_id, now)
                 return "IGNORED_STATE", None
             self._store.move_refund(conn, row.refund_id, RefundState.SUCCEEDED, RefundState.REVERSING, now,
