@@ -372,30 +372,24 @@ class Ledger:
         if not isinstance(reason, BlockReason):
             raise errors.InvalidArgument("INVALID_ARGUMENT", "reason must be set", field="reason")
         check_text(note, "note", NOTE_CHARS_MAX)
-
-        def work(conn: psycopg.Connection) -> Account:
-            account = self._repo.lock_accounts(conn, [account_id]).get(account_id)
-            if account is None:
-                raise self._unknown_account(account_id)
-            conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (self._deny_lock_key,))
-            members = self._deny_members(conn, account_id)
-            if account.status is AccountStatus.BLOCKED:
-                self._deny.add(members)
-                return account
-            now = self._now()
-            blocked = self._repo.set_status(conn, account_id, AccountStatus.BLOCKED, reason, note, now)
-            self._emit(conn, event_account_key([(blocked, blocked)]), now, account_blocked=events_pb2.AccountBlocked(
-                account_id=account_id, reason=wallet_pb2.BlockReason.Value(f"BLOCK_REASON_{reason.name}")))
-            self._deny.add(members)
-            return blocked
-
-        return self._transaction(work)
+        event = events_pb2.AccountBlocked(account_id=account_id,
+                                          reason=wallet_pb2.BlockReason.Value(f"BLOCK_REASON_{reason.name}"))
+        return self._change_status(account_id, AccountStatus.BLOCKED, reason, note, self._deny.add,
+                                   account_blocked=event)
 
     def unblock_account(self, account_id: str, note: str = "") -> Account:
         """Unblock an account and take it and its cards off the deny list (before the commit,
         like `block_account`). Unblocking an active account re-asserts the removal."""
         check_id(account_id, "account_id")
         check_text(note, "note", NOTE_CHARS_MAX)
+        return self._change_status(account_id, AccountStatus.ACTIVE, None, note, self._deny.remove,
+                                   account_unblocked=events_pb2.AccountUnblocked(account_id=account_id))
+
+    def _change_status(self, account_id: str, target: AccountStatus, reason: BlockReason | None, note: str,
+                       update_deny_list: Callable[[Iterable[str]], None], **event: Any) -> Account:
+        """Move an account to `target` (block or unblock) with its event, and update the deny
+        list before the commit under the shared deny-list lock. An account already in
+        `target` is returned unchanged, but the deny list is re-asserted."""
 
         def work(conn: psycopg.Connection) -> Account:
             account = self._repo.lock_accounts(conn, [account_id]).get(account_id)
@@ -403,15 +397,14 @@ class Ledger:
                 raise self._unknown_account(account_id)
             conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (self._deny_lock_key,))
             members = self._deny_members(conn, account_id)
-            if account.status is AccountStatus.ACTIVE:
-                self._deny.remove(members)
+            if account.status is target:
+                update_deny_list(members)
                 return account
             now = self._now()
-            active = self._repo.set_status(conn, account_id, AccountStatus.ACTIVE, None, note, now)
-            self._emit(conn, event_account_key([(active, active)]), now,
-                       account_unblocked=events_pb2.AccountUnblocked(account_id=account_id))
-            self._deny.remove(members)
-            return active
+            changed = self._repo.set_status(conn, account_id, target, reason, note, now)
+            self._emit(conn, event_account_key([(changed, changed)]), now, **event)
+            update_deny_list(members)
+            return changed
 
         return self._transaction(work)
 
