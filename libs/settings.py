@@ -122,6 +122,37 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0)
 
 
+SECRET_KEY_BYTES_MIN = 32
+
+
+class SecretKey(bytes):
+    """Key bytes that never print: settings objects end up in logs and tracebacks."""
+
+    def __repr__(self) -> str:
+        return f"SecretKey(<{len(self)} bytes>)"
+
+    __str__ = __repr__
+
+
+def hex_key(text: str) -> SecretKey:
+    """A hex-encoded key of at least 32 bytes (64 hex digits)."""
+    try:
+        key = bytes.fromhex(text.strip())
+    except ValueError:
+        raise ValueError("expected hex digits, for example the output of `openssl rand -hex 32`") from None
+    if len(key) < SECRET_KEY_BYTES_MIN:
+        raise ValueError(f"expected at least {SECRET_KEY_BYTES_MIN} bytes ({2 * SECRET_KEY_BYTES_MIN} hex digits), "
+                         f"got {len(key)}")
+    return SecretKey(key)
+
+
+def schema_name(text: str) -> str:
+    """A PostgreSQL schema name: lower-case letters, digits and underscores."""
+    if not re.fullmatch(r"[a-z][a-z0-9_]{0,62}", text):
+        raise ValueError("expected lower-case letters, digits and underscores, starting with a letter")
+    return text
+
+
 def boolean(text: str) -> bool:
     """true/false, yes/no, on/off or 1/0, in any case."""
     lowered = text.strip().lower()

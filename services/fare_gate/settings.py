@@ -13,7 +13,8 @@ import re
 from pathlib import Path
 
 from libs.service import CommonSettings
-from libs.settings import SettingsError, host_port, non_negative_int, positive_int, setting, url
+from libs.settings import (SecretKey, SettingsError, hex_key, host_port, non_negative_int, positive_int,
+                           schema_name, setting, url)
 
 # The repository root: relative paths in settings are taken from here, never from the
 # working directory, so the service finds its feed however it is started.
@@ -24,19 +25,9 @@ DEFAULT_GATES = REPO_ROOT / "services" / "fare_gate" / "gates" / "demo_city.csv"
 # The wallet's hold_ttl_max_s default: a hold may not ask to live longer than this.
 WALLET_HOLD_TTL_S_MAX = 7 * 24 * 3600
 WALLET_TIMEOUT_MS_MAX = 10_000
-CREDENTIAL_KEY_BYTES_MIN = 32
 
 _WALLET_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _FARE_MEDIA_ID = re.compile(r"^[A-Za-z0-9._:-]{0,64}$")
-
-
-class SecretKey(bytes):
-    """Key bytes that never print: settings objects end up in logs and tracebacks."""
-
-    def __repr__(self) -> str:
-        return f"SecretKey(<{len(self)} bytes>)"
-
-    __str__ = __repr__
 
 
 def repo_path(*, suffixes: tuple[str, ...] = ()) -> object:
@@ -53,13 +44,6 @@ def repo_path(*, suffixes: tuple[str, ...] = ()) -> object:
         return path
 
     return parse
-
-
-def schema_name(text: str) -> str:
-    """A PostgreSQL schema name: lower-case letters, digits and underscores."""
-    if not re.fullmatch(r"[a-z][a-z0-9_]{0,62}", text):
-        raise ValueError("expected lower-case letters, digits and underscores, starting with a letter")
-    return text
 
 
 def wallet_account_id(text: str) -> str:
@@ -83,17 +67,6 @@ def redis_key(text: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9._:-]{1,200}", text.strip()):
         raise ValueError("expected 1 to 200 characters of letters, digits, '.', '_', ':' or '-'")
     return text.strip()
-
-
-def hex_key(text: str) -> SecretKey:
-    """A hex-encoded key of at least 32 bytes (64 hex digits)."""
-    try:
-        key = bytes.fromhex(text.strip())
-    except ValueError:
-        raise ValueError("expected hex digits, for example the output of `openssl rand -hex 32`") from None
-    if len(key) < CREDENTIAL_KEY_BYTES_MIN:
-        raise ValueError(f"expected at least {CREDENTIAL_KEY_BYTES_MIN} bytes ({2 * CREDENTIAL_KEY_BYTES_MIN} hex digits)")
-    return SecretKey(key)
 
 
 @dataclasses.dataclass(frozen=True)

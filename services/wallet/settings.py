@@ -5,44 +5,20 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from libs.service import CommonSettings
 from datetime import time
 
-from libs.settings import host_port, non_negative_int, positive_int, setting, url
-from services.wallet.domain import CARD_HASH_KEY_BYTES_MIN
+from libs.money import check_currency
+from libs.service import CommonSettings
+from libs.settings import SecretKey, hex_key, host_port, non_negative_int, positive_int, schema_name, setting, url
 from services.wallet.topups import WebhookSecret, service_day_start, timezone_name, webhook_secret
 
 _CATEGORY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_CURRENCY = re.compile(r"^[A-Z]{3}$")
 RIDER_CATEGORIES_MAX = 32
 
 
-class SecretKey(bytes):
-    """Key bytes that never print: settings objects end up in logs and tracebacks."""
-
-    def __repr__(self) -> str:
-        return f"SecretKey(<{len(self)} bytes>)"
-
-    __str__ = __repr__
-
-
-def hex_key(text: str) -> SecretKey:
-    """A hex-encoded key of at least 32 bytes (64 hex digits)."""
-    try:
-        key = bytes.fromhex(text.strip())
-    except ValueError:
-        raise ValueError("expected hex digits, for example the output of `openssl rand -hex 32`") from None
-    if len(key) < CARD_HASH_KEY_BYTES_MIN:
-        raise ValueError(f"expected at least {CARD_HASH_KEY_BYTES_MIN} bytes ({2 * CARD_HASH_KEY_BYTES_MIN} hex digits), "
-                         f"got {len(key)}")
-    return SecretKey(key)
-
-
 def currency_code(text: str) -> str:
-    """An upper-case ISO 4217 alphabetic code."""
-    if not _CURRENCY.match(text.strip()):
-        raise ValueError("expected a three-letter ISO 4217 code such as TWD")
-    return text.strip()
+    """An upper-case ISO 4217 alphabetic code (libs.money's rule; MoneyError is a ValueError)."""
+    return check_currency(text.strip())
 
 
 def rider_categories(text: str) -> tuple[str, ...]:
@@ -69,13 +45,6 @@ def floor_minor(text: str) -> int:
     if value > 0:
         raise ValueError("the floor is zero or negative (an allowance of NT$50 is -5000)")
     return value
-
-
-def schema_name(text: str) -> str:
-    """A PostgreSQL schema name: lower-case letters, digits and underscores."""
-    if not re.fullmatch(r"[a-z][a-z0-9_]{0,62}", text):
-        raise ValueError("expected lower-case letters, digits and underscores, starting with a letter")
-    return text
 
 
 @dataclasses.dataclass(frozen=True)
