@@ -11,8 +11,9 @@ from datetime import datetime
 
 from google.protobuf import timestamp_pb2
 
-from citytap.common.v1 import credential_pb2, money_pb2
+from citytap.common.v1 import credential_pb2
 from citytap.fare_gate.v1 import events_pb2
+from libs.protos import money_pb
 from services.fare_gate.domain import Journey, JourneyEnd, Tap, TapOutcome, event_id_for
 
 TOPIC = "citytap.fare_gate.v1.events"
@@ -22,10 +23,6 @@ def _ts(moment: datetime) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromDatetime(moment)
     return stamp
-
-
-def _money(amount_minor: int, currency: str) -> money_pb2.Money:
-    return money_pb2.Money(amount_minor=amount_minor, currency=currency)
 
 
 def _envelope(subject: str, kind: str, account_id: str | None, occurred_at: datetime, **payload: object
@@ -40,7 +37,7 @@ def tap_recorded(tap: Tap, outcome: TapOutcome, account_id: str | None, occurred
         tap_id=tap.tap_id, gate_id=tap.gate_id, stop_id=tap.stop_id, direction=int(tap.direction),
         tapped_at=_ts(tap.tapped_at), credential_kind=credential_pb2.CREDENTIAL_KIND_CARD,
         decision=int(outcome.decision), reason=int(outcome.reason),
-        fare_charged=_money(outcome.fare_charged_minor, outcome.currency), journey_id=outcome.journey_id,
+        fare_charged=money_pb(outcome.fare_charged_minor, outcome.currency), journey_id=outcome.journey_id,
         offline=False, route_id=tap.route_id or ""))
 
 
@@ -50,7 +47,7 @@ def journey_started(journey: Journey, occurred_at: datetime) -> events_pb2.FareG
                          journey_id=journey.journey_id, entry_tap_id=journey.entry_tap_id,
                          entry_stop_id=journey.entry_stop_id, started_at=_ts(journey.started_at),
                          hold_id=journey.hold_id or "",
-                         amount_held=_money(journey.amount_held_minor, journey.currency),
+                         amount_held=money_pb(journey.amount_held_minor, journey.currency),
                          network_id=journey.network_id, entry_gate_id=journey.entry_gate_id))
 
 
@@ -61,7 +58,7 @@ def journey_completed(journey: Journey, end: JourneyEnd) -> events_pb2.FareGateE
                          exit_tap_id=end.exit_tap_id or "", entry_stop_id=journey.entry_stop_id,
                          exit_stop_id=end.exit_stop_id or "", started_at=_ts(journey.started_at),
                          ended_at=_ts(end.ended_at or journey.started_at),
-                         fare=_money(end.fare_minor, journey.currency), fare_product_id=end.fare_product_id or "",
+                         fare=money_pb(end.fare_minor, journey.currency), fare_product_id=end.fare_product_id or "",
                          transfer_id=end.transfer_id, network_id=journey.network_id,
                          rider_category=journey.rider_category or ""))
 
@@ -71,6 +68,6 @@ def journey_incomplete(journey: Journey, end: JourneyEnd) -> events_pb2.FareGate
                      journey_incomplete=events_pb2.JourneyIncomplete(
                          journey_id=journey.journey_id, entry_tap_id=journey.entry_tap_id,
                          entry_stop_id=journey.entry_stop_id, started_at=_ts(journey.started_at),
-                         closed_at=_ts(end.closed_at), fare=_money(end.fare_minor, journey.currency),
+                         closed_at=_ts(end.closed_at), fare=money_pb(end.fare_minor, journey.currency),
                          transfer_id=end.transfer_id, network_id=journey.network_id))
 

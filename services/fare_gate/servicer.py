@@ -11,10 +11,10 @@ from datetime import datetime, timezone
 
 import grpc
 
-from citytap.common.v1 import money_pb2
 from citytap.fare_gate.v1 import fare_gate_pb2, fare_gate_pb2_grpc
 from libs import errors
 from libs.grpc_server import Registration
+from libs.protos import money_pb
 from services.fare_gate.domain import CredentialKind, GateKind, TapInput, TapOutcome
 from services.fare_gate.fares import FareError
 from services.fare_gate.taps import TapService
@@ -35,10 +35,6 @@ _NOT_FOUND_FARE_REASONS = {"UNKNOWN_STOP": "stop", "UNKNOWN_ROUTE": "route", "UN
 _FARE_REASON_FIELDS = {"UNKNOWN_RIDER_CATEGORY": "rider_category", "UNKNOWN_FARE_MEDIA": "fare_media_id"}
 
 
-def _money(amount_minor: int, currency: str) -> money_pb2.Money:
-    return money_pb2.Money(amount_minor=amount_minor, currency=currency)
-
-
 def _time(message: object, field: str) -> datetime | None:
     if not message.HasField(field):  # type: ignore[attr-defined]
         return None
@@ -56,10 +52,10 @@ def tap_input(request: fare_gate_pb2.TapRequest) -> TapInput:
 def tap_response(outcome: TapOutcome) -> fare_gate_pb2.TapResponse:
     response = fare_gate_pb2.TapResponse(
         decision=int(outcome.decision), reason=int(outcome.reason),
-        fare_charged=_money(outcome.fare_charged_minor, outcome.currency),
-        amount_held=_money(outcome.amount_held_minor, outcome.currency), journey_id=outcome.journey_id)
+        fare_charged=money_pb(outcome.fare_charged_minor, outcome.currency),
+        amount_held=money_pb(outcome.amount_held_minor, outcome.currency), journey_id=outcome.journey_id)
     if outcome.balance_minor is not None:
-        response.balance.CopyFrom(_money(outcome.balance_minor, outcome.currency))
+        response.balance.CopyFrom(money_pb(outcome.balance_minor, outcome.currency))
     return response
 
 
@@ -124,7 +120,7 @@ class FareGateServicer(fare_gate_pb2_grpc.FareGateServiceServicer):
             raise fare_error(exc) from exc
         leg = quote.legs[0]
         return fare_gate_pb2.QuoteFareResponse(
-            fare=_money(quote.total_minor, quote.currency),
+            fare=money_pb(quote.total_minor, quote.currency),
             fare_product_id=leg.match.fare_product_id if leg.match else "", feed_version=quote.feed_version,
             network_id=leg.network_id or "")
 

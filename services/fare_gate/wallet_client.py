@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import grpc
-from google.protobuf import timestamp_pb2
 
 from citytap.common.v1 import credential_pb2, money_pb2
 from citytap.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from libs import errors
 from libs.grpc_client import error_info
+from libs.protos import timestamp_pb
 
 _RETRYABLE = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
 
@@ -59,12 +59,6 @@ class AccountInfo:
     account_id: str
     kind: int  # wallet_pb2.AccountKind
     currency: str
-
-
-def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
 
 
 class WalletClient:
@@ -121,7 +115,7 @@ class WalletClient:
         request = wallet_pb2.CreateHoldRequest(
             hold_id=hold_id, debit_account_id=debit_account_id, credit_account_id=credit_account_id,
             amount=money_pb2.Money(amount_minor=amount_minor, currency=currency), kind=wallet_pb2.TRANSFER_KIND_FARE,
-            expires_at=_timestamp(expires_at), reference=reference)
+            expires_at=timestamp_pb(expires_at), reference=reference)
         answer = self._call("CreateHold", request)
         assert isinstance(answer, wallet_pb2.CreateHoldResponse)
         return _hold(answer.hold)

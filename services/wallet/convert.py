@@ -13,9 +13,10 @@ from datetime import datetime, timezone
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from citytap.common.v1 import money_pb2, split_pb2
+from citytap.common.v1 import split_pb2
 from citytap.wallet.v1 import events_pb2, wallet_pb2
 from libs import errors
+from libs.protos import money_pb, timestamp_pb
 from services.wallet.domain import (
     Account,
     AccountKind,
@@ -78,11 +79,7 @@ def block_reason_from_proto(value: int) -> BlockReason:
 
 
 def timestamp(moment: datetime | None) -> Timestamp | None:
-    if moment is None:
-        return None
-    stamp = Timestamp()
-    stamp.FromDatetime(moment.astimezone(timezone.utc))
-    return stamp
+    return None if moment is None else timestamp_pb(moment)
 
 
 def datetime_from_proto(message: Message, field_name: str) -> datetime | None:
@@ -95,8 +92,7 @@ def datetime_from_proto(message: Message, field_name: str) -> datetime | None:
         raise errors.InvalidArgument("INVALID_ARGUMENT", f"{field_name} is not a valid time", field=field_name) from None
 
 
-def money(amount_minor: int, currency: str) -> money_pb2.Money:
-    return money_pb2.Money(amount_minor=amount_minor, currency=currency)
+money = money_pb
 
 
 def _money_fields(message: Message, field_name: str) -> tuple[int | None, str | None]:

@@ -32,6 +32,7 @@ from citytap.common.v1 import credential_pb2
 from citytap.fare_gate.v1 import fare_gate_pb2, fare_gate_pb2_grpc
 from citytap.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from libs.grpc_client import connect, error_reason
+from libs.protos import timestamp_pb
 
 DIRECTIONS = {
     "entry": fare_gate_pb2.TAP_DIRECTION_ENTRY,
@@ -103,9 +104,7 @@ def call_failed(error: grpc.RpcError, *, service: str, address: str, method: str
 def timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
     if moment.tzinfo is None:
         raise ValueError("times sent to the fare gate must be timezone-aware")
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
+    return timestamp_pb(moment)
 
 
 def tap_request(*, tap_id: str, gate_id: str, stop_id: str, direction: str, card_uid: bytes, tapped_at: datetime,
