@@ -9,6 +9,9 @@
 # stack selector CITYTAP_STACK:
 #   dev  (default)  state in $CITYTAP_ROOT/.local/stack,      base ports (Kafka 19092 ...)
 #   test            state in $CITYTAP_ROOT/.local/test-stack, every port +1000
+# CITYTAP_PORT_OFFSET, when set, replaces the stack's port offset, so several stacks can run
+# side by side on one machine (give each its own CITYTAP_STATE_DIR too), for example
+#   CITYTAP_STACK=test CITYTAP_PORT_OFFSET=3000 CITYTAP_STATE_DIR=$PWD/.local/stack-3000
 #
 # Values this file filled in from defaults are remembered in CITYTAP_ENV_DEFAULTS. When it is
 # sourced again (for example a shell that sourced the dev stack runs `CITYTAP_STACK=test make
@@ -58,6 +61,13 @@ _citytap_env_main() {
       echo "[infra] env.sh: CITYTAP_STACK must be 'dev' or 'test', got '$CITYTAP_STACK'" >&2
       return 1 ;;
   esac
+  if [[ -n "${CITYTAP_PORT_OFFSET:-}" ]]; then
+    if [[ ! "$CITYTAP_PORT_OFFSET" =~ ^[0-9]{1,5}$ ]] || (( CITYTAP_PORT_OFFSET > 40000 )); then
+      echo "[infra] env.sh: CITYTAP_PORT_OFFSET must be a whole number from 0 to 40000, got '$CITYTAP_PORT_OFFSET'" >&2
+      return 1
+    fi
+    off=$CITYTAP_PORT_OFFSET
+  fi
 
   _d CITYTAP_ROOT "$(dirname "$infra_dir")"
   _d CITYTAP_CACHE_DIR "$CITYTAP_ROOT/.local/cache"
