@@ -106,6 +106,8 @@ def check_message(fd, comments, msg, path, scope):
         if field.name.endswith("_id") and field.type != T.TYPE_STRING:
             problems.append(f"{fd.name}: {label} is an id and should be a string")
     for i, nested in enumerate(msg.nested_type):
+        if nested.options.map_entry:
+            continue  # protoc's own entry type of a map field; the map field carries the comment
         check_message(fd, comments, nested, path + [MSG_NESTED, i], name + ".")
     for i, enum in enumerate(msg.enum_type):
         check_enum(fd, comments, enum, path + [MSG_ENUM, i], name + ".")

@@ -68,6 +68,52 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The hold's expiry has passed, so it can no longer be posted; its funds were released (status FAILED_PRECONDITION)."""
     ERROR_REASON_UNSUPPORTED_CREDENTIAL: _ErrorReason.ValueType  # 22
     """The credential is of a kind this service or this version does not accept here (status INVALID_ARGUMENT)."""
+    ERROR_REASON_CREDENTIAL_EXPIRED: _ErrorReason.ValueType  # 23
+    """A credential is outside its validity window: a phone QR code older than its validity or dated in the future beyond the allowed clock skew, or a device certificate past its not_after or before its not_before (status FAILED_PRECONDITION)."""
+    ERROR_REASON_INVALID_SIGNATURE: _ErrorReason.ValueType  # 24
+    """A signature over a credential does not verify, so the phone QR claim or the device certificate was tampered with or signed by another key (status UNAUTHENTICATED)."""
+    ERROR_REASON_UNKNOWN_ISSUER: _ErrorReason.ValueType  # 25
+    """A device certificate names an issuer key that is not among the trusted issuer keys, or is outside that key's trusted period (status UNAUTHENTICATED)."""
+    ERROR_REASON_DEVICE_MISMATCH: _ErrorReason.ValueType  # 26
+    """A phone QR claim names another device than the certificate it carries, such as one device's certificate with another device's code (status UNAUTHENTICATED)."""
+    ERROR_REASON_INVALID_KEY: _ErrorReason.ValueType  # 27
+    """A public key is not a raw 32-byte Ed25519 key, or a signature is not 64 bytes (status INVALID_ARGUMENT)."""
+    ERROR_REASON_CREDENTIAL_REVOKED: _ErrorReason.ValueType  # 28
+    """The device or the device key behind a phone QR code or NFC token was revoked or rotated away (status PERMISSION_DENIED)."""
+    ERROR_REASON_CREDENTIAL_REPLAYED: _ErrorReason.ValueType  # 29
+    """The phone QR code's nonce was already accepted once, so this presentation is a replay (status FAILED_PRECONDITION)."""
+    ERROR_REASON_EFFECTIVE_TOO_SOON: _ErrorReason.ValueType  # 44
+    """A contract version would take effect in the past or sooner than the configured lead time, which other services need to pick it up before it applies (status INVALID_ARGUMENT)."""
+    ERROR_REASON_CONTRACT_SCOPE_TAKEN: _ErrorReason.ValueType  # 45
+    """Another contract already covers this revenue kind and scope; make a new version of that contract instead (status ALREADY_EXISTS)."""
+    ERROR_REASON_SERVICE_DAY_OPEN: _ErrorReason.ValueType  # 46
+    """The service day has not ended, or its grace period for late events has not passed, so it cannot be closed yet; metadata "closable_at" says when it can (status FAILED_PRECONDITION)."""
+    ERROR_REASON_MALFORMED_REPORT: _ErrorReason.ValueType  # 47
+    """The payment provider's report file is not a well-formed CSV of the expected columns; metadata "line" and "column" point at the first problem (status INVALID_ARGUMENT)."""
+    ERROR_REASON_API_KEY_INVALID: _ErrorReason.ValueType  # 37
+    """The call carried no merchant API key, or a key that is malformed or unknown (status UNAUTHENTICATED)."""
+    ERROR_REASON_API_KEY_REVOKED: _ErrorReason.ValueType  # 38
+    """The merchant API key was revoked, so it no longer works (status UNAUTHENTICATED)."""
+    ERROR_REASON_API_KEY_SCOPE_MISSING: _ErrorReason.ValueType  # 39
+    """The merchant API key lacks the scope the call needs, such as refunds:write for a refund; metadata "scope" names it (status PERMISSION_DENIED)."""
+    ERROR_REASON_API_KEY_WRONG_MERCHANT: _ErrorReason.ValueType  # 40
+    """The merchant API key belongs to another merchant than the one the call names (status PERMISSION_DENIED)."""
+    ERROR_REASON_MERCHANT_NOT_VERIFIED: _ErrorReason.ValueType  # 41
+    """The merchant has not been verified by Stripe Connect yet, or is suspended, so it cannot charge (status FAILED_PRECONDITION)."""
+    ERROR_REASON_NO_SPLIT_CONTRACT: _ErrorReason.ValueType  # 42
+    """No split contract is in force for the payment's revenue kind and scope, so the split cannot be recorded and nothing is charged (status FAILED_PRECONDITION)."""
+    ERROR_REASON_FACE_NOT_FOUND: _ErrorReason.ValueType  # 30
+    """The image or frame shows no face the face service can find (status INVALID_ARGUMENT; metadata "index" names the frame of a burst)."""
+    ERROR_REASON_MULTIPLE_FACES: _ErrorReason.ValueType  # 31
+    """The image or frame shows more than one face, so whose face it is cannot be told (status INVALID_ARGUMENT; metadata "index" names the frame of a burst)."""
+    ERROR_REASON_INVALID_IMAGE: _ErrorReason.ValueType  # 32
+    """The image or frame is not a JPEG or PNG that can be decoded (status INVALID_ARGUMENT)."""
+    ERROR_REASON_IMAGE_TOO_LARGE: _ErrorReason.ValueType  # 33
+    """The image or frame is larger in bytes or in pixels than the face service accepts (status INVALID_ARGUMENT)."""
+    ERROR_REASON_INVALID_FRAME_BURST: _ErrorReason.ValueType  # 34
+    """A burst of face frames is empty, or has fewer or more frames than the face service accepts (status INVALID_ARGUMENT)."""
+    ERROR_REASON_INVALID_EMBEDDING: _ErrorReason.ValueType  # 35
+    """A face embedding has the wrong number of components or a component that is not a finite number (status INVALID_ARGUMENT)."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists the machine-readable reasons a CityTap RPC can fail with.
@@ -129,4 +175,50 @@ ERROR_REASON_HOLD_EXPIRED: ErrorReason.ValueType  # 21
 """The hold's expiry has passed, so it can no longer be posted; its funds were released (status FAILED_PRECONDITION)."""
 ERROR_REASON_UNSUPPORTED_CREDENTIAL: ErrorReason.ValueType  # 22
 """The credential is of a kind this service or this version does not accept here (status INVALID_ARGUMENT)."""
+ERROR_REASON_CREDENTIAL_EXPIRED: ErrorReason.ValueType  # 23
+"""A credential is outside its validity window: a phone QR code older than its validity or dated in the future beyond the allowed clock skew, or a device certificate past its not_after or before its not_before (status FAILED_PRECONDITION)."""
+ERROR_REASON_INVALID_SIGNATURE: ErrorReason.ValueType  # 24
+"""A signature over a credential does not verify, so the phone QR claim or the device certificate was tampered with or signed by another key (status UNAUTHENTICATED)."""
+ERROR_REASON_UNKNOWN_ISSUER: ErrorReason.ValueType  # 25
+"""A device certificate names an issuer key that is not among the trusted issuer keys, or is outside that key's trusted period (status UNAUTHENTICATED)."""
+ERROR_REASON_DEVICE_MISMATCH: ErrorReason.ValueType  # 26
+"""A phone QR claim names another device than the certificate it carries, such as one device's certificate with another device's code (status UNAUTHENTICATED)."""
+ERROR_REASON_INVALID_KEY: ErrorReason.ValueType  # 27
+"""A public key is not a raw 32-byte Ed25519 key, or a signature is not 64 bytes (status INVALID_ARGUMENT)."""
+ERROR_REASON_CREDENTIAL_REVOKED: ErrorReason.ValueType  # 28
+"""The device or the device key behind a phone QR code or NFC token was revoked or rotated away (status PERMISSION_DENIED)."""
+ERROR_REASON_CREDENTIAL_REPLAYED: ErrorReason.ValueType  # 29
+"""The phone QR code's nonce was already accepted once, so this presentation is a replay (status FAILED_PRECONDITION)."""
+ERROR_REASON_EFFECTIVE_TOO_SOON: ErrorReason.ValueType  # 44
+"""A contract version would take effect in the past or sooner than the configured lead time, which other services need to pick it up before it applies (status INVALID_ARGUMENT)."""
+ERROR_REASON_CONTRACT_SCOPE_TAKEN: ErrorReason.ValueType  # 45
+"""Another contract already covers this revenue kind and scope; make a new version of that contract instead (status ALREADY_EXISTS)."""
+ERROR_REASON_SERVICE_DAY_OPEN: ErrorReason.ValueType  # 46
+"""The service day has not ended, or its grace period for late events has not passed, so it cannot be closed yet; metadata "closable_at" says when it can (status FAILED_PRECONDITION)."""
+ERROR_REASON_MALFORMED_REPORT: ErrorReason.ValueType  # 47
+"""The payment provider's report file is not a well-formed CSV of the expected columns; metadata "line" and "column" point at the first problem (status INVALID_ARGUMENT)."""
+ERROR_REASON_API_KEY_INVALID: ErrorReason.ValueType  # 37
+"""The call carried no merchant API key, or a key that is malformed or unknown (status UNAUTHENTICATED)."""
+ERROR_REASON_API_KEY_REVOKED: ErrorReason.ValueType  # 38
+"""The merchant API key was revoked, so it no longer works (status UNAUTHENTICATED)."""
+ERROR_REASON_API_KEY_SCOPE_MISSING: ErrorReason.ValueType  # 39
+"""The merchant API key lacks the scope the call needs, such as refunds:write for a refund; metadata "scope" names it (status PERMISSION_DENIED)."""
+ERROR_REASON_API_KEY_WRONG_MERCHANT: ErrorReason.ValueType  # 40
+"""The merchant API key belongs to another merchant than the one the call names (status PERMISSION_DENIED)."""
+ERROR_REASON_MERCHANT_NOT_VERIFIED: ErrorReason.ValueType  # 41
+"""The merchant has not been verified by Stripe Connect yet, or is suspended, so it cannot charge (status FAILED_PRECONDITION)."""
+ERROR_REASON_NO_SPLIT_CONTRACT: ErrorReason.ValueType  # 42
+"""No split contract is in force for the payment's revenue kind and scope, so the split cannot be recorded and nothing is charged (status FAILED_PRECONDITION)."""
+ERROR_REASON_FACE_NOT_FOUND: ErrorReason.ValueType  # 30
+"""The image or frame shows no face the face service can find (status INVALID_ARGUMENT; metadata "index" names the frame of a burst)."""
+ERROR_REASON_MULTIPLE_FACES: ErrorReason.ValueType  # 31
+"""The image or frame shows more than one face, so whose face it is cannot be told (status INVALID_ARGUMENT; metadata "index" names the frame of a burst)."""
+ERROR_REASON_INVALID_IMAGE: ErrorReason.ValueType  # 32
+"""The image or frame is not a JPEG or PNG that can be decoded (status INVALID_ARGUMENT)."""
+ERROR_REASON_IMAGE_TOO_LARGE: ErrorReason.ValueType  # 33
+"""The image or frame is larger in bytes or in pixels than the face service accepts (status INVALID_ARGUMENT)."""
+ERROR_REASON_INVALID_FRAME_BURST: ErrorReason.ValueType  # 34
+"""A burst of face frames is empty, or has fewer or more frames than the face service accepts (status INVALID_ARGUMENT)."""
+ERROR_REASON_INVALID_EMBEDDING: ErrorReason.ValueType  # 35
+"""A face embedding has the wrong number of components or a component that is not a finite number (status INVALID_ARGUMENT)."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -28,49 +28,53 @@ from citytap.common.v1 import split_pb2 as citytap_dot_common_dot_v1_dot_split__
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"citytap/merchant/v1/merchant.proto\x12\x13\x63itytap.merchant.v1\x1a\"citytap/common/v1/credential.proto\x1a\x1d\x63itytap/common/v1/money.proto\x1a\x1d\x63itytap/common/v1/split.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf3\x02\n\x08Merchant\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\x33\n\x06status\x18\x04 \x01(\x0e\x32#.citytap.merchant.v1.MerchantStatus\x12\x19\n\x11stripe_account_id\x18\x05 \x01(\t\x12\x1a\n\x12payable_account_id\x18\x06 \x01(\t\x12\x34\n\x12per_purchase_limit\x18\x07 \x01(\x0b\x32\x18.citytap.common.v1.Money\x12/\n\rper_day_limit\x18\x08 \x01(\x0b\x32\x18.citytap.common.v1.Money\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bverified_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb3\x01\n\x06\x41piKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\t\x12\x15\n\rsecret_prefix\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x96\x03\n\x06\x43harge\x12\x11\n\tcharge_id\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\x12\x10\n\x08order_id\x18\x03 \x01(\t\x12(\n\x06\x61mount\x18\x04 \x01(\x0b\x32\x18.citytap.common.v1.Money\x12\x31\n\x0frefunded_amount\x18\x05 \x01(\x0b\x32\x18.citytap.common.v1.Money\x12\x31\n\x06status\x18\x06 \x01(\x0e\x32!.citytap.merchant.v1.ChargeStatus\x12:\n\x0f\x63redential_kind\x18\x07 \x01(\x0e\x32!.citytap.common.v1.CredentialKind\x12,\n\x06splits\x18\x08 \x03(\x0b\x32\x1c.citytap.common.v1.SplitLine\x12\x13\n\x0btransfer_id\x18\t \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\n \x01(\t\x12.\n\ncreated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd9\x01\n\x06Refund\x12\x11\n\trefund_id\x18\x01 \x01(\t\x12\x11\n\tcharge_id\x18\x02 \x01(\t\x12(\n\x06\x61mount\x18\x03 \x01(\x0b\x32\x18.citytap.common.v1.Money\x12,\n\x06splits\x18\x04 \x03(\x0b\x32\x1c.citytap.common.v1.SplitLine\x12\x13\n\x0btransfer_id\x18\x05 \x01(\t\x12\x0c\n\x04note\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8e\x01\n\x0eOnboardRequest\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\x0f\n\x07\x63ountry\x18\x04 \x01(\t\x12\r\n\x05\x65mail\x18\x05 \x01(\t\x12\x12\n\nreturn_url\x18\x06 \x01(\t\x12\x13\n\x0brefresh_url\x18\x07 \x01(\t\"\x99\x01\n\x0fOnboardResponse\x12/\n\x08merchant\x18\x01 \x01(\x0b\x32\x1d.citytap.merchant.v1.Merchant\x12\x16\n\x0eonboarding_url\x18\x02 \x01(\t\x12=\n\x19onboarding_url_expires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\")\n\x12GetMerchantRequest\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\"F\n\x13GetMerchantResponse\x12/\n\x08merchant\x18\x01 \x01(\x0b\x32\x1d.citytap.merchant.v1.Merchant\"9\n\x13\x43reateApiKeyRequest\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\"T\n\x14\x43reateApiKeyResponse\x12,\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.citytap.merchant.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\":\n\x13RevokeApiKeyRequest\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"D\n\x14RevokeApiKeyResponse\x12,\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.citytap.merchant.v1.ApiKey\"\xa8\x01\n\rChargeRequest\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x10\n\x08order_id\x18\x02 \x01(\t\x12\x31\n\ncredential\x18\x03 \x01(\x0b\x32\x1d.citytap.common.v1.Credential\x12(\n\x06\x61mount\x18\x04 \x01(\x0b\x32\x18.citytap.common.v1.Money\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\"=\n\x0e\x43hargeResponse\x12+\n\x06\x63harge\x18\x01 \x01(\x0b\x32\x1b.citytap.merchant.v1.Charge\"\x82\x01\n\rRefundRequest\x12\x11\n\trefund_id\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\x12\x11\n\tcharge_id\x18\x03 \x01(\t\x12(\n\x06\x61mount\x18\x04 \x01(\x0b\x32\x18.citytap.common.v1.Money\x12\x0c\n\x04note\x18\x05 \x01(\t\"j\n\x0eRefundResponse\x12+\n\x06refund\x18\x01 \x01(\x0b\x32\x1b.citytap.merchant.v1.Refund\x12+\n\x06\x63harge\x18\x02 \x01(\x0b\x32\x1b.citytap.merchant.v1.Charge*\x8e\x01\n\x0eMerchantStatus\x12\x1f\n\x1bMERCHANT_STATUS_UNSPECIFIED\x10\x00\x12\x1e\n\x1aMERCHANT_STATUS_ONBOARDING\x10\x01\x12\x1c\n\x18MERCHANT_STATUS_VERIFIED\x10\x02\x12\x1d\n\x19MERCHANT_STATUS_SUSPENDED\x10\x03*\x8c\x01\n\x0c\x43hargeStatus\x12\x1d\n\x19\x43HARGE_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43HARGE_STATUS_SUCCEEDED\x10\x01\x12$\n CHARGE_STATUS_PARTIALLY_REFUNDED\x10\x02\x12\x1a\n\x16\x43HARGE_STATUS_REFUNDED\x10\x03\x32\xb9\x04\n\x0fMerchantService\x12T\n\x07Onboard\x12#.citytap.merchant.v1.OnboardRequest\x1a$.citytap.merchant.v1.OnboardResponse\x12`\n\x0bGetMerchant\x12\'.citytap.merchant.v1.GetMerchantRequest\x1a(.citytap.merchant.v1.GetMerchantResponse\x12\x63\n\x0c\x43reateApiKey\x12(.citytap.merchant.v1.CreateApiKeyRequest\x1a).citytap.merchant.v1.CreateApiKeyResponse\x12\x63\n\x0cRevokeApiKey\x12(.citytap.merchant.v1.RevokeApiKeyRequest\x1a).citytap.merchant.v1.RevokeApiKeyResponse\x12Q\n\x06\x43harge\x12\".citytap.merchant.v1.ChargeRequest\x1a#.citytap.merchant.v1.ChargeResponse\x12Q\n\x06Refund\x12\".citytap.merchant.v1.RefundRequest\x1a#.citytap.merchant.v1.RefundResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"citytap/merchant/v1/merchant.proto\x12\x13\x63itytap.merchant.v1\x1a\"citytap/common/v1/credential.proto\x1a\x1d\x63itytap/common/v1/money.proto\x1a\x1d\x63itytap/common/v1/split.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf3\x02\n\x08Merchant\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\x33\n\x06status\x18\x04 \x01(\x0e\x32#.citytap.merchant.v1.MerchantStatus\x12\x19\n\x11stripe_account_id\x18\x05 \x01(\t\x12\x1a\n\x12payable_account_id\x18\x06 \x01(\t\x12\x34\n\x12per_purchase_limit\x18\x07 \x01(\x0b\x32\x18.citytap.common.v1.Money\x12/\n\rper_day_limit\x18\x08 \x01(\x0b\x32\x18.citytap.common.v1.Money\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bverified_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc3\x01\n\x06\x41piKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\t\x12\x15\n\rsecret_prefix\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06scopes\x18\x07 \x03(\t\"\x96\x03\n\x06\x43harge\x12\x11\n\tcharge_id\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\x12\x10\n\x08order_id\x18\x03 \x01(\t\x12(\n\x06\x61mount\x18\x04 \x01(\x0b\x32\x18.citytap.common.v1.Money\x12\x31\n\x0frefunded_amount\x18\x05 \x01(\x0b\x32\x18.citytap.common.v1.Money\x12\x31\n\x06status\x18\x06 \x01(\x0e\x32!.citytap.merchant.v1.ChargeStatus\x12:\n\x0f\x63redential_kind\x18\x07 \x01(\x0e\x32!.citytap.common.v1.CredentialKind\x12,\n\x06splits\x18\x08 \x03(\x0b\x32\x1c.citytap.common.v1.SplitLine\x12\x13\n\x0btransfer_id\x18\t \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\n \x01(\t\x12.\n\ncreated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd9\x01\n\x06Refund\x12\x11\n\trefund_id\x18\x01 \x01(\t\x12\x11\n\tcharge_id\x18\x02 \x01(\t\x12(\n\x06\x61mount\x18\x03 \x01(\x0b\x32\x18.citytap.common.v1.Money\x12,\n\x06splits\x18\x04 \x03(\x0b\x32\x1c.citytap.common.v1.SplitLine\x12\x13\n\x0btransfer_id\x18\x05 \x01(\t\x12\x0c\n\x04note\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8e\x01\n\x0eOnboardRequest\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\x0f\n\x07\x63ountry\x18\x04 \x01(\t\x12\r\n\x05\x65mail\x18\x05 \x01(\t\x12\x12\n\nreturn_url\x18\x06 \x01(\t\x12\x13\n\x0brefresh_url\x18\x07 \x01(\t\"\x99\x01\n\x0fOnboardResponse\x12/\n\x08merchant\x18\x01 \x01(\x0b\x32\x1d.citytap.merchant.v1.Merchant\x12\x16\n\x0eonboarding_url\x18\x02 \x01(\t\x12=\n\x19onboarding_url_expires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\")\n\x12GetMerchantRequest\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\"F\n\x13GetMerchantResponse\x12/\n\x08merchant\x18\x01 \x01(\x0b\x32\x1d.citytap.merchant.v1.Merchant\"I\n\x13\x43reateApiKeyRequest\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\"T\n\x14\x43reateApiKeyResponse\x12,\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.citytap.merchant.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\":\n\x13RevokeApiKeyRequest\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"D\n\x14RevokeApiKeyResponse\x12,\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.citytap.merchant.v1.ApiKey\"\xa8\x01\n\rChargeRequest\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x10\n\x08order_id\x18\x02 \x01(\t\x12\x31\n\ncredential\x18\x03 \x01(\x0b\x32\x1d.citytap.common.v1.Credential\x12(\n\x06\x61mount\x18\x04 \x01(\x0b\x32\x18.citytap.common.v1.Money\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\"=\n\x0e\x43hargeResponse\x12+\n\x06\x63harge\x18\x01 \x01(\x0b\x32\x1b.citytap.merchant.v1.Charge\"\x82\x01\n\rRefundRequest\x12\x11\n\trefund_id\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\x12\x11\n\tcharge_id\x18\x03 \x01(\t\x12(\n\x06\x61mount\x18\x04 \x01(\x0b\x32\x18.citytap.common.v1.Money\x12\x0c\n\x04note\x18\x05 \x01(\t\"j\n\x0eRefundResponse\x12+\n\x06refund\x18\x01 \x01(\x0b\x32\x1b.citytap.merchant.v1.Refund\x12+\n\x06\x63harge\x18\x02 \x01(\x0b\x32\x1b.citytap.merchant.v1.Charge\":\n\x10GetChargeRequest\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x11\n\tcharge_id\x18\x02 \x01(\t\"n\n\x11GetChargeResponse\x12+\n\x06\x63harge\x18\x01 \x01(\x0b\x32\x1b.citytap.merchant.v1.Charge\x12,\n\x07refunds\x18\x02 \x03(\x0b\x32\x1b.citytap.merchant.v1.Refund*\x8e\x01\n\x0eMerchantStatus\x12\x1f\n\x1bMERCHANT_STATUS_UNSPECIFIED\x10\x00\x12\x1e\n\x1aMERCHANT_STATUS_ONBOARDING\x10\x01\x12\x1c\n\x18MERCHANT_STATUS_VERIFIED\x10\x02\x12\x1d\n\x19MERCHANT_STATUS_SUSPENDED\x10\x03*\x8c\x01\n\x0c\x43hargeStatus\x12\x1d\n\x19\x43HARGE_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43HARGE_STATUS_SUCCEEDED\x10\x01\x12$\n CHARGE_STATUS_PARTIALLY_REFUNDED\x10\x02\x12\x1a\n\x16\x43HARGE_STATUS_REFUNDED\x10\x03\x32\x95\x05\n\x0fMerchantService\x12T\n\x07Onboard\x12#.citytap.merchant.v1.OnboardRequest\x1a$.citytap.merchant.v1.OnboardResponse\x12`\n\x0bGetMerchant\x12\'.citytap.merchant.v1.GetMerchantRequest\x1a(.citytap.merchant.v1.GetMerchantResponse\x12\x63\n\x0c\x43reateApiKey\x12(.citytap.merchant.v1.CreateApiKeyRequest\x1a).citytap.merchant.v1.CreateApiKeyResponse\x12\x63\n\x0cRevokeApiKey\x12(.citytap.merchant.v1.RevokeApiKeyRequest\x1a).citytap.merchant.v1.RevokeApiKeyResponse\x12Q\n\x06\x43harge\x12\".citytap.merchant.v1.ChargeRequest\x1a#.citytap.merchant.v1.ChargeResponse\x12Q\n\x06Refund\x12\".citytap.merchant.v1.RefundRequest\x1a#.citytap.merchant.v1.RefundResponse\x12Z\n\tGetCharge\x12%.citytap.merchant.v1.GetChargeRequest\x1a&.citytap.merchant.v1.GetChargeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'citytap.merchant.v1.merchant_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MERCHANTSTATUS']._serialized_start=2542
-  _globals['_MERCHANTSTATUS']._serialized_end=2684
-  _globals['_CHARGESTATUS']._serialized_start=2687
-  _globals['_CHARGESTATUS']._serialized_end=2827
+  _globals['_MERCHANTSTATUS']._serialized_start=2746
+  _globals['_MERCHANTSTATUS']._serialized_end=2888
+  _globals['_CHARGESTATUS']._serialized_start=2891
+  _globals['_CHARGESTATUS']._serialized_end=3031
   _globals['_MERCHANT']._serialized_start=191
   _globals['_MERCHANT']._serialized_end=562
   _globals['_APIKEY']._serialized_start=565
-  _globals['_APIKEY']._serialized_end=744
-  _globals['_CHARGE']._serialized_start=747
-  _globals['_CHARGE']._serialized_end=1153
-  _globals['_REFUND']._serialized_start=1156
-  _globals['_REFUND']._serialized_end=1373
-  _globals['_ONBOARDREQUEST']._serialized_start=1376
-  _globals['_ONBOARDREQUEST']._serialized_end=1518
-  _globals['_ONBOARDRESPONSE']._serialized_start=1521
-  _globals['_ONBOARDRESPONSE']._serialized_end=1674
-  _globals['_GETMERCHANTREQUEST']._serialized_start=1676
-  _globals['_GETMERCHANTREQUEST']._serialized_end=1717
-  _globals['_GETMERCHANTRESPONSE']._serialized_start=1719
-  _globals['_GETMERCHANTRESPONSE']._serialized_end=1789
-  _globals['_CREATEAPIKEYREQUEST']._serialized_start=1791
-  _globals['_CREATEAPIKEYREQUEST']._serialized_end=1848
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=1850
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=1934
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=1936
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=1994
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=1996
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=2064
-  _globals['_CHARGEREQUEST']._serialized_start=2067
-  _globals['_CHARGEREQUEST']._serialized_end=2235
-  _globals['_CHARGERESPONSE']._serialized_start=2237
-  _globals['_CHARGERESPONSE']._serialized_end=2298
-  _globals['_REFUNDREQUEST']._serialized_start=2301
-  _globals['_REFUNDREQUEST']._serialized_end=2431
-  _globals['_REFUNDRESPONSE']._serialized_start=2433
-  _globals['_REFUNDRESPONSE']._serialized_end=2539
-  _globals['_MERCHANTSERVICE']._serialized_start=2830
-  _globals['_MERCHANTSERVICE']._serialized_end=3399
+  _globals['_APIKEY']._serialized_end=760
+  _globals['_CHARGE']._serialized_start=763
+  _globals['_CHARGE']._serialized_end=1169
+  _globals['_REFUND']._serialized_start=1172
+  _globals['_REFUND']._serialized_end=1389
+  _globals['_ONBOARDREQUEST']._serialized_start=1392
+  _globals['_ONBOARDREQUEST']._serialized_end=1534
+  _globals['_ONBOARDRESPONSE']._serialized_start=1537
+  _globals['_ONBOARDRESPONSE']._serialized_end=1690
+  _globals['_GETMERCHANTREQUEST']._serialized_start=1692
+  _globals['_GETMERCHANTREQUEST']._serialized_end=1733
+  _globals['_GETMERCHANTRESPONSE']._serialized_start=1735
+  _globals['_GETMERCHANTRESPONSE']._serialized_end=1805
+  _globals['_CREATEAPIKEYREQUEST']._serialized_start=1807
+  _globals['_CREATEAPIKEYREQUEST']._serialized_end=1880
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=1882
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=1966
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=1968
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=2026
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=2028
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=2096
+  _globals['_CHARGEREQUEST']._serialized_start=2099
+  _globals['_CHARGEREQUEST']._serialized_end=2267
+  _globals['_CHARGERESPONSE']._serialized_start=2269
+  _globals['_CHARGERESPONSE']._serialized_end=2330
+  _globals['_REFUNDREQUEST']._serialized_start=2333
+  _globals['_REFUNDREQUEST']._serialized_end=2463
+  _globals['_REFUNDRESPONSE']._serialized_start=2465
+  _globals['_REFUNDRESPONSE']._serialized_end=2571
+  _globals['_GETCHARGEREQUEST']._serialized_start=2573
+  _globals['_GETCHARGEREQUEST']._serialized_end=2631
+  _globals['_GETCHARGERESPONSE']._serialized_start=2633
+  _globals['_GETCHARGERESPONSE']._serialized_end=2743
+  _globals['_MERCHANTSERVICE']._serialized_start=3034
+  _globals['_MERCHANTSERVICE']._serialized_end=3695
 # @@protoc_insertion_point(module_scope)

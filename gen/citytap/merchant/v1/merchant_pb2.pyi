@@ -109,11 +109,11 @@ class Merchant(_message.Message):
     """The wallet account that holds what the merchant is owed until it is paid out."""
     @_builtins.property
     def per_purchase_limit(self) -> _money_pb2.Money:
-        """The most a single charge may take."""
+        """The most a single charge may take from one rider."""
 
     @_builtins.property
     def per_day_limit(self) -> _money_pb2.Money:
-        """The most the merchant may take in one service day."""
+        """The most one rider may pay in one service day, counting every charge at every merchant of the network."""
 
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
@@ -157,6 +157,7 @@ class ApiKey(_message.Message):
     SECRET_PREFIX_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     REVOKED_AT_FIELD_NUMBER: _builtins.int
+    SCOPES_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     """The key's id, chosen by the server."""
     merchant_id: _builtins.str
@@ -173,6 +174,10 @@ class ApiKey(_message.Message):
     def revoked_at(self) -> _timestamp_pb2.Timestamp:
         """When the key was revoked; unset while it works."""
 
+    @_builtins.property
+    def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the key may do: "charges:write" (Charge), "refunds:write" (Refund) and "charges:read" (GetCharge, GetMerchant)."""
+
     def __init__(
         self,
         *,
@@ -182,10 +187,11 @@ class ApiKey(_message.Message):
         secret_prefix: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         revoked_at: _timestamp_pb2.Timestamp | None = ...,
+        scopes: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "revoked_at", b"revoked_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "key_id", b"key_id", "label", b"label", "merchant_id", b"merchant_id", "revoked_at", b"revoked_at", "secret_prefix", b"secret_prefix"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "key_id", b"key_id", "label", b"label", "merchant_id", b"merchant_id", "revoked_at", b"revoked_at", "scopes", b"scopes", "secret_prefix", b"secret_prefix"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -447,19 +453,25 @@ class CreateApiKeyRequest(_message.Message):
 
     MERCHANT_ID_FIELD_NUMBER: _builtins.int
     LABEL_FIELD_NUMBER: _builtins.int
+    SCOPES_FIELD_NUMBER: _builtins.int
     merchant_id: _builtins.str
     """The merchant the key acts for."""
     label: _builtins.str
     """A name for the key."""
+    @_builtins.property
+    def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the key may do, from "charges:write", "refunds:write" and "charges:read"; empty means a till key with "charges:write" and "charges:read"."""
+
     def __init__(
         self,
         *,
         merchant_id: _builtins.str = ...,
         label: _builtins.str = ...,
+        scopes: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["label", b"label", "merchant_id", b"merchant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["label", b"label", "merchant_id", b"merchant_id", "scopes", b"scopes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -678,3 +690,59 @@ class RefundResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RefundResponse: _TypeAlias = RefundResponse  # noqa: Y015
+
+@_typing.final
+class GetChargeRequest(_message.Message):
+    """GetChargeRequest names a charge of the calling merchant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    CHARGE_ID_FIELD_NUMBER: _builtins.int
+    merchant_id: _builtins.str
+    """The merchant that took the charge, which must be the merchant of the API key."""
+    charge_id: _builtins.str
+    """The charge wanted."""
+    def __init__(
+        self,
+        *,
+        merchant_id: _builtins.str = ...,
+        charge_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["charge_id", b"charge_id", "merchant_id", b"merchant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetChargeRequest: _TypeAlias = GetChargeRequest  # noqa: Y015
+
+@_typing.final
+class GetChargeResponse(_message.Message):
+    """GetChargeResponse holds the charge and its refunds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHARGE_FIELD_NUMBER: _builtins.int
+    REFUNDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def charge(self) -> Global___Charge:
+        """The charge."""
+
+    @_builtins.property
+    def refunds(self) -> _containers.RepeatedCompositeFieldContainer[Global___Refund]:
+        """The refunds of the charge, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        charge: Global___Charge | None = ...,
+        refunds: _abc.Iterable[Global___Refund] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["charge", b"charge"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["charge", b"charge", "refunds", b"refunds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetChargeResponse: _TypeAlias = GetChargeResponse  # noqa: Y015

@@ -34,6 +34,11 @@ class MerchantServiceStub:
     made fails with a gRPC error whose ErrorInfo reason says why, such as INSUFFICIENT_FUNDS,
     ACCOUNT_BLOCKED, UNKNOWN_CREDENTIAL, LIVENESS_FAILED or LIMIT_EXCEEDED, and nothing is
     recorded, so a retry with the same order id is decided afresh.
+
+    Charge, Refund and GetCharge authenticate with a merchant API key sent in the
+    "authorization" metadata as "Bearer ctk_..."; the key must belong to the merchant the
+    request names and carry the scope the call needs (UNAUTHENTICATED with API_KEY_INVALID or
+    API_KEY_REVOKED, PERMISSION_DENIED with API_KEY_WRONG_MERCHANT or API_KEY_SCOPE_MISSING).
     """
 
     def __init__(self, channel):
@@ -72,6 +77,11 @@ class MerchantServiceStub:
                 request_serializer=citytap_dot_merchant_dot_v1_dot_merchant__pb2.RefundRequest.SerializeToString,
                 response_deserializer=citytap_dot_merchant_dot_v1_dot_merchant__pb2.RefundResponse.FromString,
                 _registered_method=True)
+        self.GetCharge = channel.unary_unary(
+                '/citytap.merchant.v1.MerchantService/GetCharge',
+                request_serializer=citytap_dot_merchant_dot_v1_dot_merchant__pb2.GetChargeRequest.SerializeToString,
+                response_deserializer=citytap_dot_merchant_dot_v1_dot_merchant__pb2.GetChargeResponse.FromString,
+                _registered_method=True)
 
 
 class MerchantServiceServicer:
@@ -83,6 +93,11 @@ class MerchantServiceServicer:
     made fails with a gRPC error whose ErrorInfo reason says why, such as INSUFFICIENT_FUNDS,
     ACCOUNT_BLOCKED, UNKNOWN_CREDENTIAL, LIVENESS_FAILED or LIMIT_EXCEEDED, and nothing is
     recorded, so a retry with the same order id is decided afresh.
+
+    Charge, Refund and GetCharge authenticate with a merchant API key sent in the
+    "authorization" metadata as "Bearer ctk_..."; the key must belong to the merchant the
+    request names and carry the scope the call needs (UNAUTHENTICATED with API_KEY_INVALID or
+    API_KEY_REVOKED, PERMISSION_DENIED with API_KEY_WRONG_MERCHANT or API_KEY_SCOPE_MISSING).
     """
 
     def Onboard(self, request, context):
@@ -127,6 +142,13 @@ class MerchantServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetCharge(self, request, context):
+        """GetCharge returns one of the calling merchant's charges; another merchant's charge is answered NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MerchantServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -160,6 +182,11 @@ def add_MerchantServiceServicer_to_server(servicer, server):
                     request_deserializer=citytap_dot_merchant_dot_v1_dot_merchant__pb2.RefundRequest.FromString,
                     response_serializer=citytap_dot_merchant_dot_v1_dot_merchant__pb2.RefundResponse.SerializeToString,
             ),
+            'GetCharge': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCharge,
+                    request_deserializer=citytap_dot_merchant_dot_v1_dot_merchant__pb2.GetChargeRequest.FromString,
+                    response_serializer=citytap_dot_merchant_dot_v1_dot_merchant__pb2.GetChargeResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'citytap.merchant.v1.MerchantService', rpc_method_handlers)
@@ -177,6 +204,11 @@ class MerchantService:
     made fails with a gRPC error whose ErrorInfo reason says why, such as INSUFFICIENT_FUNDS,
     ACCOUNT_BLOCKED, UNKNOWN_CREDENTIAL, LIVENESS_FAILED or LIMIT_EXCEEDED, and nothing is
     recorded, so a retry with the same order id is decided afresh.
+
+    Charge, Refund and GetCharge authenticate with a merchant API key sent in the
+    "authorization" metadata as "Bearer ctk_..."; the key must belong to the merchant the
+    request names and carry the scope the call needs (UNAUTHENTICATED with API_KEY_INVALID or
+    API_KEY_REVOKED, PERMISSION_DENIED with API_KEY_WRONG_MERCHANT or API_KEY_SCOPE_MISSING).
     """
 
     @staticmethod
@@ -331,6 +363,33 @@ class MerchantService:
             '/citytap.merchant.v1.MerchantService/Refund',
             citytap_dot_merchant_dot_v1_dot_merchant__pb2.RefundRequest.SerializeToString,
             citytap_dot_merchant_dot_v1_dot_merchant__pb2.RefundResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCharge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/citytap.merchant.v1.MerchantService/GetCharge',
+            citytap_dot_merchant_dot_v1_dot_merchant__pb2.GetChargeRequest.SerializeToString,
+            citytap_dot_merchant_dot_v1_dot_merchant__pb2.GetChargeResponse.FromString,
             options,
             channel_credentials,
             insecure,

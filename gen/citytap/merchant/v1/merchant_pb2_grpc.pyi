@@ -35,6 +35,11 @@ class MerchantServiceStub:
     made fails with a gRPC error whose ErrorInfo reason says why, such as INSUFFICIENT_FUNDS,
     ACCOUNT_BLOCKED, UNKNOWN_CREDENTIAL, LIVENESS_FAILED or LIMIT_EXCEEDED, and nothing is
     recorded, so a retry with the same order id is decided afresh.
+
+    Charge, Refund and GetCharge authenticate with a merchant API key sent in the
+    "authorization" metadata as "Bearer ctk_..."; the key must belong to the merchant the
+    request names and carry the scope the call needs (UNAUTHENTICATED with API_KEY_INVALID or
+    API_KEY_REVOKED, PERMISSION_DENIED with API_KEY_WRONG_MERCHANT or API_KEY_SCOPE_MISSING).
     """
 
     @_typing.overload
@@ -53,6 +58,8 @@ class MerchantServiceStub:
     """Charge takes payment from a rider at a merchant's till, within the merchant's per-purchase and per-day limits."""
     Refund: _grpc.UnaryUnaryMultiCallable[_merchant_pb2.RefundRequest, _merchant_pb2.RefundResponse]
     """Refund gives back all or part of a charge to the rider."""
+    GetCharge: _grpc.UnaryUnaryMultiCallable[_merchant_pb2.GetChargeRequest, _merchant_pb2.GetChargeResponse]
+    """GetCharge returns one of the calling merchant's charges; another merchant's charge is answered NOT_FOUND."""
 
 @_typing.type_check_only
 class MerchantServiceAsyncStub(MerchantServiceStub):
@@ -64,6 +71,11 @@ class MerchantServiceAsyncStub(MerchantServiceStub):
     made fails with a gRPC error whose ErrorInfo reason says why, such as INSUFFICIENT_FUNDS,
     ACCOUNT_BLOCKED, UNKNOWN_CREDENTIAL, LIVENESS_FAILED or LIMIT_EXCEEDED, and nothing is
     recorded, so a retry with the same order id is decided afresh.
+
+    Charge, Refund and GetCharge authenticate with a merchant API key sent in the
+    "authorization" metadata as "Bearer ctk_..."; the key must belong to the merchant the
+    request names and carry the scope the call needs (UNAUTHENTICATED with API_KEY_INVALID or
+    API_KEY_REVOKED, PERMISSION_DENIED with API_KEY_WRONG_MERCHANT or API_KEY_SCOPE_MISSING).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -79,6 +91,8 @@ class MerchantServiceAsyncStub(MerchantServiceStub):
     """Charge takes payment from a rider at a merchant's till, within the merchant's per-purchase and per-day limits."""
     Refund: _aio.UnaryUnaryMultiCallable[_merchant_pb2.RefundRequest, _merchant_pb2.RefundResponse]  # type: ignore[assignment]
     """Refund gives back all or part of a charge to the rider."""
+    GetCharge: _aio.UnaryUnaryMultiCallable[_merchant_pb2.GetChargeRequest, _merchant_pb2.GetChargeResponse]  # type: ignore[assignment]
+    """GetCharge returns one of the calling merchant's charges; another merchant's charge is answered NOT_FOUND."""
 
 class MerchantServiceServicer(metaclass=_abc_1.ABCMeta):
     """MerchantService onboards merchants through Stripe Connect and lets them charge riders and refund them.
@@ -89,6 +103,11 @@ class MerchantServiceServicer(metaclass=_abc_1.ABCMeta):
     made fails with a gRPC error whose ErrorInfo reason says why, such as INSUFFICIENT_FUNDS,
     ACCOUNT_BLOCKED, UNKNOWN_CREDENTIAL, LIVENESS_FAILED or LIMIT_EXCEEDED, and nothing is
     recorded, so a retry with the same order id is decided afresh.
+
+    Charge, Refund and GetCharge authenticate with a merchant API key sent in the
+    "authorization" metadata as "Bearer ctk_..."; the key must belong to the merchant the
+    request names and carry the scope the call needs (UNAUTHENTICATED with API_KEY_INVALID or
+    API_KEY_REVOKED, PERMISSION_DENIED with API_KEY_WRONG_MERCHANT or API_KEY_SCOPE_MISSING).
     """
 
     @_abc_1.abstractmethod
@@ -138,5 +157,13 @@ class MerchantServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_merchant_pb2.RefundResponse, _abc.Awaitable[_merchant_pb2.RefundResponse]]:
         """Refund gives back all or part of a charge to the rider."""
+
+    @_abc_1.abstractmethod
+    def GetCharge(
+        self,
+        request: _merchant_pb2.GetChargeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_merchant_pb2.GetChargeResponse, _abc.Awaitable[_merchant_pb2.GetChargeResponse]]:
+        """GetCharge returns one of the calling merchant's charges; another merchant's charge is answered NOT_FOUND."""
 
 def add_MerchantServiceServicer_to_server(servicer: MerchantServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

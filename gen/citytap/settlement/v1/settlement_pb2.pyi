@@ -152,12 +152,15 @@ class SplitTerm(_message.Message):
     PARTY_ID_FIELD_NUMBER: _builtins.int
     BASIS_POINTS_FIELD_NUMBER: _builtins.int
     FIXED_FEE_FIELD_NUMBER: _builtins.int
+    REMAINDER_FIELD_NUMBER: _builtins.int
     party: _split_pb2.Party.ValueType
     """The kind of party."""
     party_id: _builtins.str
     """The id of the party; empty for the merchant, meaning whichever merchant took the payment."""
     basis_points: _builtins.int
-    """The party's share of the amount left after fixed fees, in basis points (1/100 of a percent); the terms of a contract sum to 10000."""
+    """The party's share of the amount left after fixed fees, in basis points (1/100 of a percent); the terms of a contract sum to 10000, the remainder party's counting as what the others leave."""
+    remainder: _builtins.bool
+    """True for the one party, if any, whose basis points are whatever the other terms leave of 10000; its basis_points must then be 0."""
     @_builtins.property
     def fixed_fee(self) -> _money_pb2.Money:
         """A fixed amount the party takes from each movement before the rest is shared; unset means none."""
@@ -169,10 +172,11 @@ class SplitTerm(_message.Message):
         party_id: _builtins.str = ...,
         basis_points: _builtins.int = ...,
         fixed_fee: _money_pb2.Money | None = ...,
+        remainder: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["fixed_fee", b"fixed_fee"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis_points", b"basis_points", "fixed_fee", b"fixed_fee", "party", b"party", "party_id", b"party_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis_points", b"basis_points", "fixed_fee", b"fixed_fee", "party", b"party", "party_id", b"party_id", "remainder", b"remainder"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -191,6 +195,7 @@ class ContractVersion(_message.Message):
     TERMS_FIELD_NUMBER: _builtins.int
     NOTE_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
     contract_id: _builtins.str
     """The contract's id, stable across its versions."""
     version: _builtins.int
@@ -199,6 +204,8 @@ class ContractVersion(_message.Message):
     """The kind of money movement the contract splits."""
     note: _builtins.str
     """Why this version was made, for the audit trail."""
+    scope: _builtins.str
+    """What the contract covers within its revenue kind: the transit operator's party id for fares, the ISO 18245 merchant category code for merchant payments, or empty for the default contract of the kind."""
     @_builtins.property
     def effective_from(self) -> _timestamp_pb2.Timestamp:
         """From this time money movements are split under this version, until the next version takes effect."""
@@ -221,10 +228,11 @@ class ContractVersion(_message.Message):
         terms: _abc.Iterable[Global___SplitTerm] | None = ...,
         note: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        scope: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "effective_from", b"effective_from"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["contract_id", b"contract_id", "created_at", b"created_at", "effective_from", b"effective_from", "note", b"note", "revenue_kind", b"revenue_kind", "terms", b"terms", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contract_id", b"contract_id", "created_at", b"created_at", "effective_from", b"effective_from", "note", b"note", "revenue_kind", b"revenue_kind", "scope", b"scope", "terms", b"terms", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -470,6 +478,7 @@ class CreateContractVersionRequest(_message.Message):
     EFFECTIVE_FROM_FIELD_NUMBER: _builtins.int
     TERMS_FIELD_NUMBER: _builtins.int
     NOTE_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
     contract_id: _builtins.str
     """The contract's id, a UUID chosen by the client when it makes version 1."""
     version: _builtins.int
@@ -478,13 +487,15 @@ class CreateContractVersionRequest(_message.Message):
     """The kind of money movement the contract splits, which cannot change between versions."""
     note: _builtins.str
     """Why this version is made, for the audit trail."""
+    scope: _builtins.str
+    """What the contract covers within its revenue kind (see ContractVersion.scope); it cannot change between versions, and only one contract may cover a kind and scope."""
     @_builtins.property
     def effective_from(self) -> _timestamp_pb2.Timestamp:
         """When the version takes effect, which must be in the future so no recorded split ever changes."""
 
     @_builtins.property
     def terms(self) -> _containers.RepeatedCompositeFieldContainer[Global___SplitTerm]:
-        """The parties' terms, whose basis points sum to 10000."""
+        """The parties' terms, whose basis points sum to 10000, or to at most 10000 when one term is the remainder party; a merchant-payment contract has a term for the paying merchant."""
 
     def __init__(
         self,
@@ -495,10 +506,11 @@ class CreateContractVersionRequest(_message.Message):
         effective_from: _timestamp_pb2.Timestamp | None = ...,
         terms: _abc.Iterable[Global___SplitTerm] | None = ...,
         note: _builtins.str = ...,
+        scope: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["effective_from", b"effective_from"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["contract_id", b"contract_id", "effective_from", b"effective_from", "note", b"note", "revenue_kind", b"revenue_kind", "terms", b"terms", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contract_id", b"contract_id", "effective_from", b"effective_from", "note", b"note", "revenue_kind", b"revenue_kind", "scope", b"scope", "terms", b"terms", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -538,6 +550,8 @@ class ListContractsRequest(_message.Message):
     REVENUE_KIND_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    HAS_SCOPE_FIELD_NUMBER: _builtins.int
     contract_id: _builtins.str
     """Only versions of this contract; empty means all contracts."""
     revenue_kind: Global___RevenueKind.ValueType
@@ -546,6 +560,10 @@ class ListContractsRequest(_message.Message):
     """The most versions to return, from 1 to 100; zero means 50."""
     page_token: _builtins.str
     """The next_page_token of the previous page; empty for the first page."""
+    scope: _builtins.str
+    """Only contracts covering this scope (see ContractVersion.scope), when has_scope is true."""
+    has_scope: _builtins.bool
+    """True to filter on scope, so that the empty default scope can be asked for."""
     def __init__(
         self,
         *,
@@ -553,10 +571,12 @@ class ListContractsRequest(_message.Message):
         revenue_kind: Global___RevenueKind.ValueType = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        scope: _builtins.str = ...,
+        has_scope: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["contract_id", b"contract_id", "page_size", b"page_size", "page_token", b"page_token", "revenue_kind", b"revenue_kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contract_id", b"contract_id", "has_scope", b"has_scope", "page_size", b"page_size", "page_token", b"page_token", "revenue_kind", b"revenue_kind", "scope", b"scope"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -655,6 +675,76 @@ class CloseDayResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CloseDayResponse: _TypeAlias = CloseDayResponse  # noqa: Y015
+
+@_typing.final
+class GetServiceDayRequest(_message.Message):
+    """GetServiceDayRequest names a service day."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICE_DAY_FIELD_NUMBER: _builtins.int
+    service_day: _builtins.str
+    """The service day, as "YYYY-MM-DD"."""
+    def __init__(
+        self,
+        *,
+        service_day: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["service_day", b"service_day"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetServiceDayRequest: _TypeAlias = GetServiceDayRequest  # noqa: Y015
+
+@_typing.final
+class GetServiceDayResponse(_message.Message):
+    """GetServiceDayResponse describes a service day."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICE_DAY_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    CLOSED_AT_FIELD_NUMBER: _builtins.int
+    TOTALS_FIELD_NUMBER: _builtins.int
+    PAYOUTS_FIELD_NUMBER: _builtins.int
+    LINE_COUNT_FIELD_NUMBER: _builtins.int
+    service_day: _builtins.str
+    """The service day, as "YYYY-MM-DD"."""
+    status: Global___ServiceDayStatus.ValueType
+    """Whether the day is open, closing or closed; a day no movement has reached yet is open."""
+    line_count: _builtins.int
+    """How many settlement lines the day holds so far (by the day they are paid with)."""
+    @_builtins.property
+    def closed_at(self) -> _timestamp_pb2.Timestamp:
+        """When the day was closed; unset unless it is closed."""
+
+    @_builtins.property
+    def totals(self) -> _containers.RepeatedCompositeFieldContainer[Global___PartyTotal]:
+        """Each party's total for the day, once its totals are fixed (closing or closed)."""
+
+    @_builtins.property
+    def payouts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Payout]:
+        """The payouts created for the day."""
+
+    def __init__(
+        self,
+        *,
+        service_day: _builtins.str = ...,
+        status: Global___ServiceDayStatus.ValueType = ...,
+        closed_at: _timestamp_pb2.Timestamp | None = ...,
+        totals: _abc.Iterable[Global___PartyTotal] | None = ...,
+        payouts: _abc.Iterable[Global___Payout] | None = ...,
+        line_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["closed_at", b"closed_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed_at", b"closed_at", "line_count", b"line_count", "payouts", b"payouts", "service_day", b"service_day", "status", b"status", "totals", b"totals"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetServiceDayResponse: _TypeAlias = GetServiceDayResponse  # noqa: Y015
 
 @_typing.final
 class GetReportRequest(_message.Message):

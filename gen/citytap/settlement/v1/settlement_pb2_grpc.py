@@ -55,6 +55,11 @@ class SettlementServiceStub:
                 request_serializer=citytap_dot_settlement_dot_v1_dot_settlement__pb2.CloseDayRequest.SerializeToString,
                 response_deserializer=citytap_dot_settlement_dot_v1_dot_settlement__pb2.CloseDayResponse.FromString,
                 _registered_method=True)
+        self.GetServiceDay = channel.unary_unary(
+                '/citytap.settlement.v1.SettlementService/GetServiceDay',
+                request_serializer=citytap_dot_settlement_dot_v1_dot_settlement__pb2.GetServiceDayRequest.SerializeToString,
+                response_deserializer=citytap_dot_settlement_dot_v1_dot_settlement__pb2.GetServiceDayResponse.FromString,
+                _registered_method=True)
         self.GetReport = channel.unary_unary(
                 '/citytap.settlement.v1.SettlementService/GetReport',
                 request_serializer=citytap_dot_settlement_dot_v1_dot_settlement__pb2.GetReportRequest.SerializeToString,
@@ -102,6 +107,13 @@ class SettlementServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetServiceDay(self, request, context):
+        """GetServiceDay returns a service day's status and, once it is closed, each party's total and the payouts; it never closes anything.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetReport(self, request, context):
         """GetReport returns one party's settlement lines and totals for a closed service day.
         """
@@ -140,6 +152,11 @@ def add_SettlementServiceServicer_to_server(servicer, server):
                     servicer.CloseDay,
                     request_deserializer=citytap_dot_settlement_dot_v1_dot_settlement__pb2.CloseDayRequest.FromString,
                     response_serializer=citytap_dot_settlement_dot_v1_dot_settlement__pb2.CloseDayResponse.SerializeToString,
+            ),
+            'GetServiceDay': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServiceDay,
+                    request_deserializer=citytap_dot_settlement_dot_v1_dot_settlement__pb2.GetServiceDayRequest.FromString,
+                    response_serializer=citytap_dot_settlement_dot_v1_dot_settlement__pb2.GetServiceDayResponse.SerializeToString,
             ),
             'GetReport': grpc.unary_unary_rpc_method_handler(
                     servicer.GetReport,
@@ -244,6 +261,33 @@ class SettlementService:
             '/citytap.settlement.v1.SettlementService/CloseDay',
             citytap_dot_settlement_dot_v1_dot_settlement__pb2.CloseDayRequest.SerializeToString,
             citytap_dot_settlement_dot_v1_dot_settlement__pb2.CloseDayResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServiceDay(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/citytap.settlement.v1.SettlementService/GetServiceDay',
+            citytap_dot_settlement_dot_v1_dot_settlement__pb2.GetServiceDayRequest.SerializeToString,
+            citytap_dot_settlement_dot_v1_dot_settlement__pb2.GetServiceDayResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,8 @@ class SettlementServiceStub:
     """ListContracts returns contract versions, newest first."""
     CloseDay: _grpc.UnaryUnaryMultiCallable[_settlement_pb2.CloseDayRequest, _settlement_pb2.CloseDayResponse]
     """CloseDay settles a service day: it totals each party's share and creates their payouts; closing a closed day returns the original result."""
+    GetServiceDay: _grpc.UnaryUnaryMultiCallable[_settlement_pb2.GetServiceDayRequest, _settlement_pb2.GetServiceDayResponse]
+    """GetServiceDay returns a service day's status and, once it is closed, each party's total and the payouts; it never closes anything."""
     GetReport: _grpc.UnaryUnaryMultiCallable[_settlement_pb2.GetReportRequest, _settlement_pb2.GetReportResponse]
     """GetReport returns one party's settlement lines and totals for a closed service day."""
     Reconcile: _grpc.UnaryUnaryMultiCallable[_settlement_pb2.ReconcileRequest, _settlement_pb2.ReconcileResponse]
@@ -69,6 +71,8 @@ class SettlementServiceAsyncStub(SettlementServiceStub):
     """ListContracts returns contract versions, newest first."""
     CloseDay: _aio.UnaryUnaryMultiCallable[_settlement_pb2.CloseDayRequest, _settlement_pb2.CloseDayResponse]  # type: ignore[assignment]
     """CloseDay settles a service day: it totals each party's share and creates their payouts; closing a closed day returns the original result."""
+    GetServiceDay: _aio.UnaryUnaryMultiCallable[_settlement_pb2.GetServiceDayRequest, _settlement_pb2.GetServiceDayResponse]  # type: ignore[assignment]
+    """GetServiceDay returns a service day's status and, once it is closed, each party's total and the payouts; it never closes anything."""
     GetReport: _aio.UnaryUnaryMultiCallable[_settlement_pb2.GetReportRequest, _settlement_pb2.GetReportResponse]  # type: ignore[assignment]
     """GetReport returns one party's settlement lines and totals for a closed service day."""
     Reconcile: _aio.UnaryUnaryMultiCallable[_settlement_pb2.ReconcileRequest, _settlement_pb2.ReconcileResponse]  # type: ignore[assignment]
@@ -108,6 +112,14 @@ class SettlementServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_settlement_pb2.CloseDayResponse, _abc.Awaitable[_settlement_pb2.CloseDayResponse]]:
         """CloseDay settles a service day: it totals each party's share and creates their payouts; closing a closed day returns the original result."""
+
+    @_abc_1.abstractmethod
+    def GetServiceDay(
+        self,
+        request: _settlement_pb2.GetServiceDayRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_settlement_pb2.GetServiceDayResponse, _abc.Awaitable[_settlement_pb2.GetServiceDayResponse]]:
+        """GetServiceDay returns a service day's status and, once it is closed, each party's total and the payouts; it never closes anything."""
 
     @_abc_1.abstractmethod
     def GetReport(

@@ -312,6 +312,7 @@ class HoldPosted(_message.Message):
 
     HOLD_FIELD_NUMBER: _builtins.int
     TRANSFER_FIELD_NUMBER: _builtins.int
+    LINKED_TRANSFERS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hold(self) -> _wallet_pb2.Hold:
         """The hold, now posted."""
@@ -320,15 +321,20 @@ class HoldPosted(_message.Message):
     def transfer(self) -> _wallet_pb2.Transfer:
         """The transfer that moved the posted amount, with its split lines."""
 
+    @_builtins.property
+    def linked_transfers(self) -> _containers.RepeatedCompositeFieldContainer[_wallet_pb2.Transfer]:
+        """The transfers posted with it in the same transaction (PostHoldRequest.linked_transfers), in order."""
+
     def __init__(
         self,
         *,
         hold: _wallet_pb2.Hold | None = ...,
         transfer: _wallet_pb2.Transfer | None = ...,
+        linked_transfers: _abc.Iterable[_wallet_pb2.Transfer] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hold", b"hold", "transfer", b"transfer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hold", b"hold", "transfer", b"transfer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hold", b"hold", "linked_transfers", b"linked_transfers", "transfer", b"transfer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

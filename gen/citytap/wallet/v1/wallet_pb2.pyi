@@ -147,6 +147,8 @@ class _TransferKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Transfer
     """A payout of a party's share through Stripe."""
     TRANSFER_KIND_FEE: _TransferKind.ValueType  # 8
     """A fee charged by the platform."""
+    TRANSFER_KIND_REVENUE_SHARE: _TransferKind.ValueType  # 9
+    """One party's share of a payment, moved from the account the payment credited (the operator's revenue, a merchant's payable) to that party's account, as the payment's split lines say; it carries no split lines itself."""
 
 class TransferKind(_TransferKind, metaclass=_TransferKindEnumTypeWrapper):
     """TransferKind says what a transfer is for, so reports and settlement can group transfers."""
@@ -169,6 +171,8 @@ TRANSFER_KIND_PAYOUT: TransferKind.ValueType  # 7
 """A payout of a party's share through Stripe."""
 TRANSFER_KIND_FEE: TransferKind.ValueType  # 8
 """A fee charged by the platform."""
+TRANSFER_KIND_REVENUE_SHARE: TransferKind.ValueType  # 9
+"""One party's share of a payment, moved from the account the payment credited (the operator's revenue, a merchant's payable) to that party's account, as the payment's split lines say; it carries no split lines itself."""
 Global___TransferKind: _TypeAlias = TransferKind  # noqa: Y015
 
 class _HoldStatus:
@@ -238,6 +242,30 @@ TOP_UP_STATUS_PARTIALLY_REFUNDED: TopUpStatus.ValueType  # 4
 TOP_UP_STATUS_REFUNDED: TopUpStatus.ValueType  # 5
 """All of the top-up was refunded."""
 Global___TopUpStatus: _TypeAlias = TopUpStatus  # noqa: Y015
+
+class _DeviceStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DeviceStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DeviceStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DEVICE_STATUS_UNSPECIFIED: _DeviceStatus.ValueType  # 0
+    """The status is not set."""
+    DEVICE_STATUS_ACTIVE: _DeviceStatus.ValueType  # 1
+    """The phone pays with its current key's QR codes and NFC token."""
+    DEVICE_STATUS_REVOKED: _DeviceStatus.ValueType  # 2
+    """The phone was revoked and can no longer pay."""
+
+class DeviceStatus(_DeviceStatus, metaclass=_DeviceStatusEnumTypeWrapper):
+    """DeviceStatus says whether a registered phone may pay."""
+
+DEVICE_STATUS_UNSPECIFIED: DeviceStatus.ValueType  # 0
+"""The status is not set."""
+DEVICE_STATUS_ACTIVE: DeviceStatus.ValueType  # 1
+"""The phone pays with its current key's QR codes and NFC token."""
+DEVICE_STATUS_REVOKED: DeviceStatus.ValueType  # 2
+"""The phone was revoked and can no longer pay."""
+Global___DeviceStatus: _TypeAlias = DeviceStatus  # noqa: Y015
 
 @_typing.final
 class Account(_message.Message):
@@ -1122,18 +1150,24 @@ class CreateHoldResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HOLD_FIELD_NUMBER: _builtins.int
+    DEBIT_AVAILABLE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hold(self) -> Global___Hold:
         """The hold."""
+
+    @_builtins.property
+    def debit_available(self) -> _money_pb2.Money:
+        """The debit account's available balance (its balance less its pending holds) as the call returned, so a caller needs no GetBalance after it; on a retry answered with the original result, the balance as of the retry."""
 
     def __init__(
         self,
         *,
         hold: Global___Hold | None = ...,
+        debit_available: _money_pb2.Money | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["hold", b"hold"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["debit_available", b"debit_available", "hold", b"hold"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hold", b"hold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["debit_available", b"debit_available", "hold", b"hold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1148,6 +1182,7 @@ class PostHoldRequest(_message.Message):
     HOLD_ID_FIELD_NUMBER: _builtins.int
     AMOUNT_FIELD_NUMBER: _builtins.int
     SPLITS_FIELD_NUMBER: _builtins.int
+    LINKED_TRANSFERS_FIELD_NUMBER: _builtins.int
     hold_id: _builtins.str
     """The hold to post; posting it again with the same amount returns the original result, and with a different amount is refused."""
     @_builtins.property
@@ -1158,16 +1193,21 @@ class PostHoldRequest(_message.Message):
     def splits(self) -> _containers.RepeatedCompositeFieldContainer[_split_pb2.SplitLine]:
         """How the posted amount divides among the parties; the lines sum exactly to it, or there are none."""
 
+    @_builtins.property
+    def linked_transfers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Transfer]:
+        """Up to 8 transfers posted in the same transaction right after the hold's transfer, all or none with it, such as the moves that carry a fare's split from the operator's revenue to the city's and the platform's accounts. They are part of the post's payload: posting again with the same ones returns the original result, and with others is refused with IDEMPOTENCY_CONFLICT."""
+
     def __init__(
         self,
         *,
         hold_id: _builtins.str = ...,
         amount: _money_pb2.Money | None = ...,
         splits: _abc.Iterable[_split_pb2.SplitLine] | None = ...,
+        linked_transfers: _abc.Iterable[Global___Transfer] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "hold_id", b"hold_id", "splits", b"splits"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "hold_id", b"hold_id", "linked_transfers", b"linked_transfers", "splits", b"splits"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1181,6 +1221,8 @@ class PostHoldResponse(_message.Message):
 
     HOLD_FIELD_NUMBER: _builtins.int
     TRANSFER_FIELD_NUMBER: _builtins.int
+    DEBIT_AVAILABLE_FIELD_NUMBER: _builtins.int
+    LINKED_TRANSFERS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hold(self) -> Global___Hold:
         """The hold, now posted."""
@@ -1189,15 +1231,25 @@ class PostHoldResponse(_message.Message):
     def transfer(self) -> Global___Transfer:
         """The transfer that moved the posted amount."""
 
+    @_builtins.property
+    def debit_available(self) -> _money_pb2.Money:
+        """The debit account's available balance (its balance less its pending holds) as the call returned, so a caller needs no GetBalance after it; on a retry answered with the original result, the balance as of the retry."""
+
+    @_builtins.property
+    def linked_transfers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Transfer]:
+        """The linked transfers the post made, in request order."""
+
     def __init__(
         self,
         *,
         hold: Global___Hold | None = ...,
         transfer: Global___Transfer | None = ...,
+        debit_available: _money_pb2.Money | None = ...,
+        linked_transfers: _abc.Iterable[Global___Transfer] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["hold", b"hold", "transfer", b"transfer"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["debit_available", b"debit_available", "hold", b"hold", "transfer", b"transfer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hold", b"hold", "transfer", b"transfer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["debit_available", b"debit_available", "hold", b"hold", "linked_transfers", b"linked_transfers", "transfer", b"transfer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1232,18 +1284,24 @@ class VoidHoldResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HOLD_FIELD_NUMBER: _builtins.int
+    DEBIT_AVAILABLE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hold(self) -> Global___Hold:
         """The hold, now voided."""
+
+    @_builtins.property
+    def debit_available(self) -> _money_pb2.Money:
+        """The debit account's available balance (its balance less its pending holds) as the call returned, so a caller needs no GetBalance after it; on a retry answered with the original result, the balance as of the retry."""
 
     def __init__(
         self,
         *,
         hold: Global___Hold | None = ...,
+        debit_available: _money_pb2.Money | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["hold", b"hold"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["debit_available", b"debit_available", "hold", b"hold"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hold", b"hold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["debit_available", b"debit_available", "hold", b"hold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1279,10 +1337,61 @@ class CreateTransfersResponse(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class RiderAvailableEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> _money_pb2.Money: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _money_pb2.Money | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     TRANSFERS_FIELD_NUMBER: _builtins.int
+    RIDER_AVAILABLE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def transfers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Transfer]:
         """The transfers as posted, in request order."""
+
+    @_builtins.property
+    def rider_available(self) -> _containers.MessageMap[_builtins.str, _money_pb2.Money]:
+        """The available balance (balance less pending holds) as the call returned of each rider wallet the transfers debited or credited, keyed by account id."""
+
+    def __init__(
+        self,
+        *,
+        transfers: _abc.Iterable[Global___Transfer] | None = ...,
+        rider_available: _abc.Mapping[_builtins.str, _money_pb2.Money] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rider_available", b"rider_available", "transfers", b"transfers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateTransfersResponse: _TypeAlias = CreateTransfersResponse  # noqa: Y015
+
+@_typing.final
+class PostTransferBatchRequest(_message.Message):
+    """PostTransferBatchRequest carries transfers that are applied one by one, each on its own."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSFERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def transfers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Transfer]:
+        """The transfers, at most 256, applied in request order within one database transaction, as if each had been sent alone: a later transfer sees the balances the earlier successful ones left. Each id keeps the usual idempotency: an id already posted with the same payload answers with the original transfer, with a different payload with IDEMPOTENCY_CONFLICT; a failed transfer posts nothing and may be retried under the same id. Transfer ids must be distinct within the batch."""
 
     def __init__(
         self,
@@ -1295,7 +1404,115 @@ class CreateTransfersResponse(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___CreateTransfersResponse: _TypeAlias = CreateTransfersResponse  # noqa: Y015
+Global___PostTransferBatchRequest: _TypeAlias = PostTransferBatchRequest  # noqa: Y015
+
+@_typing.final
+class TransferFailure(_message.Message):
+    """TransferFailure says why one transfer of a batch was not posted."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """The machine-readable reason, one of citytap.common.v1.ErrorReason's names without the prefix, such as "INSUFFICIENT_FUNDS"."""
+    message: _builtins.str
+    """A message for people, naming the problem."""
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Context for the reason, as in a failed call's ErrorInfo metadata (for example "field" or "account_id")."""
+
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+        message: _builtins.str = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "metadata", b"metadata", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransferFailure: _TypeAlias = TransferFailure  # noqa: Y015
+
+@_typing.final
+class TransferOutcome(_message.Message):
+    """TransferOutcome is the result of one transfer of a batch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSFER_FIELD_NUMBER: _builtins.int
+    FAILURE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def transfer(self) -> Global___Transfer:
+        """The posted transfer: newly posted, or the original when the id was already posted with the same payload."""
+
+    @_builtins.property
+    def failure(self) -> Global___TransferFailure:
+        """Why the transfer was not posted; nothing of it was recorded."""
+
+    def __init__(
+        self,
+        *,
+        transfer: Global___Transfer | None = ...,
+        failure: Global___TransferFailure | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["failure", b"failure", "result", b"result", "transfer", b"transfer"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failure", b"failure", "result", b"result", "transfer", b"transfer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["transfer", "failure"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___TransferOutcome: _TypeAlias = TransferOutcome  # noqa: Y015
+
+@_typing.final
+class PostTransferBatchResponse(_message.Message):
+    """PostTransferBatchResponse holds one outcome per requested transfer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOMES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[Global___TransferOutcome]:
+        """The outcomes, in request order."""
+
+    def __init__(
+        self,
+        *,
+        outcomes: _abc.Iterable[Global___TransferOutcome] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcomes", b"outcomes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PostTransferBatchResponse: _TypeAlias = PostTransferBatchResponse  # noqa: Y015
 
 @_typing.final
 class TopUpRequest(_message.Message):
@@ -1554,3 +1771,374 @@ class RegisterDeviceResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RegisterDeviceResponse: _TypeAlias = RegisterDeviceResponse  # noqa: Y015
+
+@_typing.final
+class RevokeDeviceRequest(_message.Message):
+    """RevokeDeviceRequest names a phone to revoke."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The rider account the phone pays from."""
+    device_id: _builtins.str
+    """The id of the phone, as given to RegisterDevice."""
+    note: _builtins.str
+    """Free text for support staff, such as "reported stolen"."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        device_id: _builtins.str = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "device_id", b"device_id", "note", b"note"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeDeviceRequest: _TypeAlias = RevokeDeviceRequest  # noqa: Y015
+
+@_typing.final
+class RevokeDeviceResponse(_message.Message):
+    """RevokeDeviceResponse confirms the revocation; revoking a revoked phone returns the original time."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVOKED_AT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def revoked_at(self) -> _timestamp_pb2.Timestamp:
+        """When the phone was revoked."""
+
+    def __init__(
+        self,
+        *,
+        revoked_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["revoked_at", b"revoked_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["revoked_at", b"revoked_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeDeviceResponse: _TypeAlias = RevokeDeviceResponse  # noqa: Y015
+
+@_typing.final
+class RotateDeviceRequest(_message.Message):
+    """RotateDeviceRequest carries a registered phone's new public key to certify in place of the old one."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The rider account the phone pays from."""
+    device_id: _builtins.str
+    """The id of the phone, as given to RegisterDevice."""
+    public_key: _builtins.bytes
+    """The phone's new raw 32-byte Ed25519 public key; sending the key already in force returns its certificate again, so a retry is harmless."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        device_id: _builtins.str = ...,
+        public_key: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "device_id", b"device_id", "public_key", b"public_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateDeviceRequest: _TypeAlias = RotateDeviceRequest  # noqa: Y015
+
+@_typing.final
+class RotateDeviceResponse(_message.Message):
+    """RotateDeviceResponse holds the certificate of the new key and the phone's new NFC token."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATE_FIELD_NUMBER: _builtins.int
+    NFC_TOKEN_FIELD_NUMBER: _builtins.int
+    nfc_token: _builtins.str
+    """The new virtual card token; the previous one no longer pays."""
+    @_builtins.property
+    def certificate(self) -> _credential_pb2.DeviceCertificate:
+        """The certificate binding the new key to the account."""
+
+    def __init__(
+        self,
+        *,
+        certificate: _credential_pb2.DeviceCertificate | None = ...,
+        nfc_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate", "nfc_token", b"nfc_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateDeviceResponse: _TypeAlias = RotateDeviceResponse  # noqa: Y015
+
+@_typing.final
+class ListIssuerKeysRequest(_message.Message):
+    """ListIssuerKeysRequest asks for the issuer keys gates should trust."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListIssuerKeysRequest: _TypeAlias = ListIssuerKeysRequest  # noqa: Y015
+
+@_typing.final
+class ListIssuerKeysResponse(_message.Message):
+    """ListIssuerKeysResponse holds the issuer keys gates should trust."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[_credential_pb2.IssuerKey]:
+        """The public keys, the one signing new certificates first."""
+
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[_credential_pb2.IssuerKey] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListIssuerKeysResponse: _TypeAlias = ListIssuerKeysResponse  # noqa: Y015
+
+@_typing.final
+class ResolveDeviceRequest(_message.Message):
+    """ResolveDeviceRequest names a phone credential to resolve: an NFC token, or the device key of a QR code the caller has already verified."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    NFC_TOKEN_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    """The device id from a verified QR code's certificate; set together with public_key."""
+    public_key: _builtins.bytes
+    """The device public key from a verified QR code's certificate; set together with device_id."""
+    nfc_token: _builtins.str
+    """The virtual card token read over NFC; set instead of device_id and public_key."""
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        public_key: _builtins.bytes = ...,
+        nfc_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "nfc_token", b"nfc_token", "public_key", b"public_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveDeviceRequest: _TypeAlias = ResolveDeviceRequest  # noqa: Y015
+
+@_typing.final
+class ResolveDeviceResponse(_message.Message):
+    """ResolveDeviceResponse names the account and device a phone credential belongs to."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    RIDER_CATEGORY_FIELD_NUMBER: _builtins.int
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    KEY_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The rider account."""
+    status: Global___AccountStatus.ValueType
+    """Whether the account may pay."""
+    rider_category: _builtins.str
+    """The rider category in force now, after any lapse."""
+    device_id: _builtins.str
+    """The id of the phone."""
+    key_fingerprint: _builtins.bytes
+    """The SHA-256 of the device key in force, which is what the wallet's Redis revocation set lists once the key is revoked or rotated away."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        status: Global___AccountStatus.ValueType = ...,
+        rider_category: _builtins.str = ...,
+        device_id: _builtins.str = ...,
+        key_fingerprint: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "device_id", b"device_id", "key_fingerprint", b"key_fingerprint", "rider_category", b"rider_category", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveDeviceResponse: _TypeAlias = ResolveDeviceResponse  # noqa: Y015
+
+@_typing.final
+class ListTransfersRequest(_message.Message):
+    """ListTransfersRequest asks for a page of posted transfers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_AT_FIELD_NUMBER: _builtins.int
+    END_AT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """The most transfers to return, from 1 to 1000; zero means 500."""
+    page_token: _builtins.str
+    """The next_page_token of the previous page; empty for the first page."""
+    @_builtins.property
+    def start_at(self) -> _timestamp_pb2.Timestamp:
+        """Only transfers posted at or after this time; unset means from the beginning."""
+
+    @_builtins.property
+    def end_at(self) -> _timestamp_pb2.Timestamp:
+        """Only transfers posted before this time; unset means up to now."""
+
+    def __init__(
+        self,
+        *,
+        start_at: _timestamp_pb2.Timestamp | None = ...,
+        end_at: _timestamp_pb2.Timestamp | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_at", b"end_at", "start_at", b"start_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_at", b"end_at", "page_size", b"page_size", "page_token", b"page_token", "start_at", b"start_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTransfersRequest: _TypeAlias = ListTransfersRequest  # noqa: Y015
+
+@_typing.final
+class ListTransfersResponse(_message.Message):
+    """ListTransfersResponse holds one page of posted transfers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSFERS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """The token for the next page; empty on the last page."""
+    @_builtins.property
+    def transfers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Transfer]:
+        """The transfers in the order the ledger posted them, each with its split lines."""
+
+    def __init__(
+        self,
+        *,
+        transfers: _abc.Iterable[Global___Transfer] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "transfers", b"transfers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTransfersResponse: _TypeAlias = ListTransfersResponse  # noqa: Y015
+
+@_typing.final
+class ListAccountsRequest(_message.Message):
+    """ListAccountsRequest asks for a page of accounts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """The most accounts to return, from 1 to 1000; zero means 500."""
+    page_token: _builtins.str
+    """The next_page_token of the previous page; empty for the first page."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAccountsRequest: _TypeAlias = ListAccountsRequest  # noqa: Y015
+
+@_typing.final
+class AccountBalance(_message.Message):
+    """AccountBalance is an account with its posted balance at the time of reading."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    BALANCE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def account(self) -> Global___Account:
+        """The account."""
+
+    @_builtins.property
+    def balance(self) -> _money_pb2.Money:
+        """The posted balance: everything credited minus everything debited."""
+
+    def __init__(
+        self,
+        *,
+        account: Global___Account | None = ...,
+        balance: _money_pb2.Money | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "balance", b"balance"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "balance", b"balance"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AccountBalance: _TypeAlias = AccountBalance  # noqa: Y015
+
+@_typing.final
+class ListAccountsResponse(_message.Message):
+    """ListAccountsResponse holds one page of accounts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """The token for the next page; empty on the last page."""
+    @_builtins.property
+    def accounts(self) -> _containers.RepeatedCompositeFieldContainer[Global___AccountBalance]:
+        """The accounts, in the order they were opened."""
+
+    def __init__(
+        self,
+        *,
+        accounts: _abc.Iterable[Global___AccountBalance] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accounts", b"accounts", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAccountsResponse: _TypeAlias = ListAccountsResponse  # noqa: Y015

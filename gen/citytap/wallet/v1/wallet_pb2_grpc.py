@@ -100,6 +100,11 @@ class WalletServiceStub:
                 request_serializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.CreateTransfersRequest.SerializeToString,
                 response_deserializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.CreateTransfersResponse.FromString,
                 _registered_method=True)
+        self.PostTransferBatch = channel.unary_unary(
+                '/citytap.wallet.v1.WalletService/PostTransferBatch',
+                request_serializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.PostTransferBatchRequest.SerializeToString,
+                response_deserializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.PostTransferBatchResponse.FromString,
+                _registered_method=True)
         self.TopUp = channel.unary_unary(
                 '/citytap.wallet.v1.WalletService/TopUp',
                 request_serializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.TopUpRequest.SerializeToString,
@@ -119,6 +124,36 @@ class WalletServiceStub:
                 '/citytap.wallet.v1.WalletService/RegisterDevice',
                 request_serializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.RegisterDeviceRequest.SerializeToString,
                 response_deserializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.RegisterDeviceResponse.FromString,
+                _registered_method=True)
+        self.RevokeDevice = channel.unary_unary(
+                '/citytap.wallet.v1.WalletService/RevokeDevice',
+                request_serializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.RevokeDeviceRequest.SerializeToString,
+                response_deserializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.RevokeDeviceResponse.FromString,
+                _registered_method=True)
+        self.RotateDevice = channel.unary_unary(
+                '/citytap.wallet.v1.WalletService/RotateDevice',
+                request_serializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.RotateDeviceRequest.SerializeToString,
+                response_deserializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.RotateDeviceResponse.FromString,
+                _registered_method=True)
+        self.ListIssuerKeys = channel.unary_unary(
+                '/citytap.wallet.v1.WalletService/ListIssuerKeys',
+                request_serializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.ListIssuerKeysRequest.SerializeToString,
+                response_deserializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.ListIssuerKeysResponse.FromString,
+                _registered_method=True)
+        self.ResolveDevice = channel.unary_unary(
+                '/citytap.wallet.v1.WalletService/ResolveDevice',
+                request_serializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.ResolveDeviceRequest.SerializeToString,
+                response_deserializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.ResolveDeviceResponse.FromString,
+                _registered_method=True)
+        self.ListTransfers = channel.unary_unary(
+                '/citytap.wallet.v1.WalletService/ListTransfers',
+                request_serializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.ListTransfersRequest.SerializeToString,
+                response_deserializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.ListTransfersResponse.FromString,
+                _registered_method=True)
+        self.ListAccounts = channel.unary_unary(
+                '/citytap.wallet.v1.WalletService/ListAccounts',
+                request_serializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.ListAccountsRequest.SerializeToString,
+                response_deserializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.ListAccountsResponse.FromString,
                 _registered_method=True)
 
 
@@ -215,6 +250,13 @@ class WalletServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PostTransferBatch(self, request, context):
+        """PostTransferBatch posts many independent transfers in one call; each succeeds or fails on its own, with its own outcome.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def TopUp(self, request, context):
         """TopUp starts adding money to a rider account through a Stripe PaymentIntent; the account is credited when the payment succeeds.
         """
@@ -238,6 +280,48 @@ class WalletServiceServicer:
 
     def RegisterDevice(self, request, context):
         """RegisterDevice certifies a phone's public key so the phone can pay with signed QR codes and NFC.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeDevice(self, request, context):
+        """RevokeDevice stops a phone from paying: its certificate, its QR codes and its NFC token are refused from then on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateDevice(self, request, context):
+        """RotateDevice certifies a new key for a registered phone and revokes the old key's certificate and NFC token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListIssuerKeys(self, request, context):
+        """ListIssuerKeys returns the public issuer keys that gates trust to verify device certificates offline.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResolveDevice(self, request, context):
+        """ResolveDevice finds the rider account behind a verified phone key or an NFC token, refusing revoked ones with CREDENTIAL_REVOKED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTransfers(self, request, context):
+        """ListTransfers returns posted transfers with their split lines, oldest first, for settlement's reconciliation and the data export; read-only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAccounts(self, request, context):
+        """ListAccounts returns every account of the ledger with its posted balance, for the data export; read-only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -306,6 +390,11 @@ def add_WalletServiceServicer_to_server(servicer, server):
                     request_deserializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.CreateTransfersRequest.FromString,
                     response_serializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.CreateTransfersResponse.SerializeToString,
             ),
+            'PostTransferBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.PostTransferBatch,
+                    request_deserializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.PostTransferBatchRequest.FromString,
+                    response_serializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.PostTransferBatchResponse.SerializeToString,
+            ),
             'TopUp': grpc.unary_unary_rpc_method_handler(
                     servicer.TopUp,
                     request_deserializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.TopUpRequest.FromString,
@@ -325,6 +414,36 @@ def add_WalletServiceServicer_to_server(servicer, server):
                     servicer.RegisterDevice,
                     request_deserializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.RegisterDeviceRequest.FromString,
                     response_serializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.RegisterDeviceResponse.SerializeToString,
+            ),
+            'RevokeDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeDevice,
+                    request_deserializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.RevokeDeviceRequest.FromString,
+                    response_serializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.RevokeDeviceResponse.SerializeToString,
+            ),
+            'RotateDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateDevice,
+                    request_deserializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.RotateDeviceRequest.FromString,
+                    response_serializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.RotateDeviceResponse.SerializeToString,
+            ),
+            'ListIssuerKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListIssuerKeys,
+                    request_deserializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.ListIssuerKeysRequest.FromString,
+                    response_serializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.ListIssuerKeysResponse.SerializeToString,
+            ),
+            'ResolveDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveDevice,
+                    request_deserializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.ResolveDeviceRequest.FromString,
+                    response_serializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.ResolveDeviceResponse.SerializeToString,
+            ),
+            'ListTransfers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTransfers,
+                    request_deserializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.ListTransfersRequest.FromString,
+                    response_serializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.ListTransfersResponse.SerializeToString,
+            ),
+            'ListAccounts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAccounts,
+                    request_deserializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.ListAccountsRequest.FromString,
+                    response_serializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.ListAccountsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -668,6 +787,33 @@ class WalletService:
             _registered_method=True)
 
     @staticmethod
+    def PostTransferBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/citytap.wallet.v1.WalletService/PostTransferBatch',
+            citytap_dot_wallet_dot_v1_dot_wallet__pb2.PostTransferBatchRequest.SerializeToString,
+            citytap_dot_wallet_dot_v1_dot_wallet__pb2.PostTransferBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def TopUp(request,
             target,
             options=(),
@@ -765,6 +911,168 @@ class WalletService:
             '/citytap.wallet.v1.WalletService/RegisterDevice',
             citytap_dot_wallet_dot_v1_dot_wallet__pb2.RegisterDeviceRequest.SerializeToString,
             citytap_dot_wallet_dot_v1_dot_wallet__pb2.RegisterDeviceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/citytap.wallet.v1.WalletService/RevokeDevice',
+            citytap_dot_wallet_dot_v1_dot_wallet__pb2.RevokeDeviceRequest.SerializeToString,
+            citytap_dot_wallet_dot_v1_dot_wallet__pb2.RevokeDeviceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/citytap.wallet.v1.WalletService/RotateDevice',
+            citytap_dot_wallet_dot_v1_dot_wallet__pb2.RotateDeviceRequest.SerializeToString,
+            citytap_dot_wallet_dot_v1_dot_wallet__pb2.RotateDeviceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListIssuerKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/citytap.wallet.v1.WalletService/ListIssuerKeys',
+            citytap_dot_wallet_dot_v1_dot_wallet__pb2.ListIssuerKeysRequest.SerializeToString,
+            citytap_dot_wallet_dot_v1_dot_wallet__pb2.ListIssuerKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolveDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/citytap.wallet.v1.WalletService/ResolveDevice',
+            citytap_dot_wallet_dot_v1_dot_wallet__pb2.ResolveDeviceRequest.SerializeToString,
+            citytap_dot_wallet_dot_v1_dot_wallet__pb2.ResolveDeviceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTransfers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/citytap.wallet.v1.WalletService/ListTransfers',
+            citytap_dot_wallet_dot_v1_dot_wallet__pb2.ListTransfersRequest.SerializeToString,
+            citytap_dot_wallet_dot_v1_dot_wallet__pb2.ListTransfersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAccounts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/citytap.wallet.v1.WalletService/ListAccounts',
+            citytap_dot_wallet_dot_v1_dot_wallet__pb2.ListAccountsRequest.SerializeToString,
+            citytap_dot_wallet_dot_v1_dot_wallet__pb2.ListAccountsResponse.FromString,
             options,
             channel_credentials,
             insecure,

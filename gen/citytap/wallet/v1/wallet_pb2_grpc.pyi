@@ -63,6 +63,8 @@ class WalletServiceStub:
     """VoidHold releases a pending hold without moving any money."""
     CreateTransfers: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.CreateTransfersRequest, _wallet_pb2.CreateTransfersResponse]
     """CreateTransfers posts one or more transfers that succeed or fail together."""
+    PostTransferBatch: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.PostTransferBatchRequest, _wallet_pb2.PostTransferBatchResponse]
+    """PostTransferBatch posts many independent transfers in one call; each succeeds or fails on its own, with its own outcome."""
     TopUp: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.TopUpRequest, _wallet_pb2.TopUpResponse]
     """TopUp starts adding money to a rider account through a Stripe PaymentIntent; the account is credited when the payment succeeds."""
     RefundTopUp: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.RefundTopUpRequest, _wallet_pb2.RefundTopUpResponse]
@@ -71,6 +73,18 @@ class WalletServiceStub:
     """ListHistory returns an account's posted ledger entries, newest first, with the running balance."""
     RegisterDevice: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.RegisterDeviceRequest, _wallet_pb2.RegisterDeviceResponse]
     """RegisterDevice certifies a phone's public key so the phone can pay with signed QR codes and NFC."""
+    RevokeDevice: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.RevokeDeviceRequest, _wallet_pb2.RevokeDeviceResponse]
+    """RevokeDevice stops a phone from paying: its certificate, its QR codes and its NFC token are refused from then on."""
+    RotateDevice: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.RotateDeviceRequest, _wallet_pb2.RotateDeviceResponse]
+    """RotateDevice certifies a new key for a registered phone and revokes the old key's certificate and NFC token."""
+    ListIssuerKeys: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.ListIssuerKeysRequest, _wallet_pb2.ListIssuerKeysResponse]
+    """ListIssuerKeys returns the public issuer keys that gates trust to verify device certificates offline."""
+    ResolveDevice: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.ResolveDeviceRequest, _wallet_pb2.ResolveDeviceResponse]
+    """ResolveDevice finds the rider account behind a verified phone key or an NFC token, refusing revoked ones with CREDENTIAL_REVOKED."""
+    ListTransfers: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.ListTransfersRequest, _wallet_pb2.ListTransfersResponse]
+    """ListTransfers returns posted transfers with their split lines, oldest first, for settlement's reconciliation and the data export; read-only."""
+    ListAccounts: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.ListAccountsRequest, _wallet_pb2.ListAccountsResponse]
+    """ListAccounts returns every account of the ledger with its posted balance, for the data export; read-only."""
 
 @_typing.type_check_only
 class WalletServiceAsyncStub(WalletServiceStub):
@@ -107,6 +121,8 @@ class WalletServiceAsyncStub(WalletServiceStub):
     """VoidHold releases a pending hold without moving any money."""
     CreateTransfers: _aio.UnaryUnaryMultiCallable[_wallet_pb2.CreateTransfersRequest, _wallet_pb2.CreateTransfersResponse]  # type: ignore[assignment]
     """CreateTransfers posts one or more transfers that succeed or fail together."""
+    PostTransferBatch: _aio.UnaryUnaryMultiCallable[_wallet_pb2.PostTransferBatchRequest, _wallet_pb2.PostTransferBatchResponse]  # type: ignore[assignment]
+    """PostTransferBatch posts many independent transfers in one call; each succeeds or fails on its own, with its own outcome."""
     TopUp: _aio.UnaryUnaryMultiCallable[_wallet_pb2.TopUpRequest, _wallet_pb2.TopUpResponse]  # type: ignore[assignment]
     """TopUp starts adding money to a rider account through a Stripe PaymentIntent; the account is credited when the payment succeeds."""
     RefundTopUp: _aio.UnaryUnaryMultiCallable[_wallet_pb2.RefundTopUpRequest, _wallet_pb2.RefundTopUpResponse]  # type: ignore[assignment]
@@ -115,6 +131,18 @@ class WalletServiceAsyncStub(WalletServiceStub):
     """ListHistory returns an account's posted ledger entries, newest first, with the running balance."""
     RegisterDevice: _aio.UnaryUnaryMultiCallable[_wallet_pb2.RegisterDeviceRequest, _wallet_pb2.RegisterDeviceResponse]  # type: ignore[assignment]
     """RegisterDevice certifies a phone's public key so the phone can pay with signed QR codes and NFC."""
+    RevokeDevice: _aio.UnaryUnaryMultiCallable[_wallet_pb2.RevokeDeviceRequest, _wallet_pb2.RevokeDeviceResponse]  # type: ignore[assignment]
+    """RevokeDevice stops a phone from paying: its certificate, its QR codes and its NFC token are refused from then on."""
+    RotateDevice: _aio.UnaryUnaryMultiCallable[_wallet_pb2.RotateDeviceRequest, _wallet_pb2.RotateDeviceResponse]  # type: ignore[assignment]
+    """RotateDevice certifies a new key for a registered phone and revokes the old key's certificate and NFC token."""
+    ListIssuerKeys: _aio.UnaryUnaryMultiCallable[_wallet_pb2.ListIssuerKeysRequest, _wallet_pb2.ListIssuerKeysResponse]  # type: ignore[assignment]
+    """ListIssuerKeys returns the public issuer keys that gates trust to verify device certificates offline."""
+    ResolveDevice: _aio.UnaryUnaryMultiCallable[_wallet_pb2.ResolveDeviceRequest, _wallet_pb2.ResolveDeviceResponse]  # type: ignore[assignment]
+    """ResolveDevice finds the rider account behind a verified phone key or an NFC token, refusing revoked ones with CREDENTIAL_REVOKED."""
+    ListTransfers: _aio.UnaryUnaryMultiCallable[_wallet_pb2.ListTransfersRequest, _wallet_pb2.ListTransfersResponse]  # type: ignore[assignment]
+    """ListTransfers returns posted transfers with their split lines, oldest first, for settlement's reconciliation and the data export; read-only."""
+    ListAccounts: _aio.UnaryUnaryMultiCallable[_wallet_pb2.ListAccountsRequest, _wallet_pb2.ListAccountsResponse]  # type: ignore[assignment]
+    """ListAccounts returns every account of the ledger with its posted balance, for the data export; read-only."""
 
 class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
     """WalletService owns rider accounts and their credentials, and keeps the double-entry ledger of record.
@@ -222,6 +250,14 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
         """CreateTransfers posts one or more transfers that succeed or fail together."""
 
     @_abc_1.abstractmethod
+    def PostTransferBatch(
+        self,
+        request: _wallet_pb2.PostTransferBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_wallet_pb2.PostTransferBatchResponse, _abc.Awaitable[_wallet_pb2.PostTransferBatchResponse]]:
+        """PostTransferBatch posts many independent transfers in one call; each succeeds or fails on its own, with its own outcome."""
+
+    @_abc_1.abstractmethod
     def TopUp(
         self,
         request: _wallet_pb2.TopUpRequest,
@@ -252,5 +288,53 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_wallet_pb2.RegisterDeviceResponse, _abc.Awaitable[_wallet_pb2.RegisterDeviceResponse]]:
         """RegisterDevice certifies a phone's public key so the phone can pay with signed QR codes and NFC."""
+
+    @_abc_1.abstractmethod
+    def RevokeDevice(
+        self,
+        request: _wallet_pb2.RevokeDeviceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_wallet_pb2.RevokeDeviceResponse, _abc.Awaitable[_wallet_pb2.RevokeDeviceResponse]]:
+        """RevokeDevice stops a phone from paying: its certificate, its QR codes and its NFC token are refused from then on."""
+
+    @_abc_1.abstractmethod
+    def RotateDevice(
+        self,
+        request: _wallet_pb2.RotateDeviceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_wallet_pb2.RotateDeviceResponse, _abc.Awaitable[_wallet_pb2.RotateDeviceResponse]]:
+        """RotateDevice certifies a new key for a registered phone and revokes the old key's certificate and NFC token."""
+
+    @_abc_1.abstractmethod
+    def ListIssuerKeys(
+        self,
+        request: _wallet_pb2.ListIssuerKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_wallet_pb2.ListIssuerKeysResponse, _abc.Awaitable[_wallet_pb2.ListIssuerKeysResponse]]:
+        """ListIssuerKeys returns the public issuer keys that gates trust to verify device certificates offline."""
+
+    @_abc_1.abstractmethod
+    def ResolveDevice(
+        self,
+        request: _wallet_pb2.ResolveDeviceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_wallet_pb2.ResolveDeviceResponse, _abc.Awaitable[_wallet_pb2.ResolveDeviceResponse]]:
+        """ResolveDevice finds the rider account behind a verified phone key or an NFC token, refusing revoked ones with CREDENTIAL_REVOKED."""
+
+    @_abc_1.abstractmethod
+    def ListTransfers(
+        self,
+        request: _wallet_pb2.ListTransfersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_wallet_pb2.ListTransfersResponse, _abc.Awaitable[_wallet_pb2.ListTransfersResponse]]:
+        """ListTransfers returns posted transfers with their split lines, oldest first, for settlement's reconciliation and the data export; read-only."""
+
+    @_abc_1.abstractmethod
+    def ListAccounts(
+        self,
+        request: _wallet_pb2.ListAccountsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_wallet_pb2.ListAccountsResponse, _abc.Awaitable[_wallet_pb2.ListAccountsResponse]]:
+        """ListAccounts returns every account of the ledger with its posted balance, for the data export; read-only."""
 
 def add_WalletServiceServicer_to_server(servicer: WalletServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
