@@ -67,6 +67,8 @@ WARMUP_S_DEFAULT = 2.0
 DURATION_S_DEFAULT = 10.0
 DURATION_S_MAX = 120.0
 WINDOWS_DEFAULT = (8, 16, 32)
+BATCHES_DEFAULT = (16, 64)  # independent transfers per PostTransferBatch call
+BATCH_WINDOW_DEFAULT = 4  # batch calls in flight in the concurrent batch scenarios
 WINDOW_MAX = 256
 CLIENT_PROCESSES_MAX = 8
 RIDERS_DEFAULT = 256
@@ -104,6 +106,7 @@ class Job:
     currency: str
     amount_minor: int
     window: int  # calls in flight at most; 0 = one synchronous client
+    batch: int  # transfers per call: 1 = CreateTransfers with one transfer, more = PostTransferBatch
     start_at: float  # time.monotonic() when the warm-up starts
     warmup_s: float
     duration_s: float
@@ -123,12 +126,23 @@ class Tally:
     issued: int = 0
     undrained: int = 0
 
-    def record(self, started: float, finished: float, error: grpc.RpcError | None, window: tuple[float, float]) -> None:
+    def record(self, started: float, finished: float, error: grpc.RpcError | None, window: tuple[float, float],
+               response: Any = None) -> None:
+        """Count one call: its posted transfers as OK, and any transfer a batch refused as an error."""
         measured = window[0] <= finished < window[1]
         if error is None:
-            self.ok_total += 1
+            posted = 1
+            if isinstance(response, wallet_pb2.PostTransferBatchResponse):
+                posted = 0
+                for outcome in response.outcomes:
+                    if outcome.WhichOneof("result") == "transfer":
+                        posted += 1
+                    else:
+                        self.errors[f"OK/{outcome.failure.reason}"] += 1
+                        self.errors_measured += measured
+            self.ok_total += posted
             if measured:
-                self.ok_measured += 1
+                self.ok_measured += posted
                 self.latencies_ms.append((finished - started) * 1000.0)
             return
         code = error.code() if callable(getattr(error, "code", None)) else None
@@ -151,15 +165,24 @@ class Tally:
         self.undrained += other.undrained
 
 
-def _request(job: Job, n: int) -> wallet_pb2.CreateTransfersRequest:
-    return wallet_pb2.CreateTransfersRequest(transfers=[wallet_pb2.Transfer(
+def _transfer(job: Job, n: int) -> wallet_pb2.Transfer:
+    return wallet_pb2.Transfer(
         transfer_id=f"{job.id_prefix}-{n}",
         debit_account_id=job.debit_account_ids[n % len(job.debit_account_ids)],
         credit_account_id=job.credit_account_ids[n % len(job.credit_account_ids)],
         amount=money_pb2.Money(amount_minor=job.amount_minor, currency=job.currency),
         kind=job.kind,  # type: ignore[arg-type]
         reference="loadtest",
-    )])
+    )
+
+
+def _call(job: Job, stub: wallet_pb2_grpc.WalletServiceStub, n: int) -> tuple[Any, Any]:
+    """The method and request of call number `n`: one transfer through CreateTransfers, or
+    `job.batch` independent transfers through PostTransferBatch."""
+    if job.batch == 1:
+        return stub.CreateTransfers, wallet_pb2.CreateTransfersRequest(transfers=[_transfer(job, n)])
+    return stub.PostTransferBatch, wallet_pb2.PostTransferBatchRequest(
+        transfers=[_transfer(job, n * job.batch + i) for i in range(job.batch)])
 
 
 def drive(job: Job) -> Tally:
@@ -207,12 +230,14 @@ def _drive_sync(job: Job, stub: wallet_pb2_grpc.WalletServiceStub, window: tuple
         if started >= window[1]:
             break
         error: grpc.RpcError | None = None
+        response = None
+        method, request = _call(job, stub, n)
         try:
-            stub.CreateTransfers(_request(job, n), timeout=CALL_TIMEOUT_S)
+            response = method(request, timeout=CALL_TIMEOUT_S)
         except grpc.RpcError as exc:
             error = exc
         n += 1
-        tally.record(started, time.monotonic(), error, window)
+        tally.record(started, time.monotonic(), error, window, response)
     cpu.stop()
     tally.issued = n
     tally.client_cpu_s = cpu.used_s
@@ -230,7 +255,7 @@ def _drive_window(job: Job, stub: wallet_pb2_grpc.WalletServiceStub, window: tup
         finished = time.monotonic()
         error = future.exception()
         with lock:
-            tally.record(started, finished, error, window)  # type: ignore[arg-type]
+            tally.record(started, finished, error, window, None if error else future.result())  # type: ignore[arg-type]
         slots.release()
 
     n = 0
@@ -242,7 +267,8 @@ def _drive_window(job: Job, stub: wallet_pb2_grpc.WalletServiceStub, window: tup
         if started >= window[1]:
             slots.release()
             break
-        future = stub.CreateTransfers.future(_request(job, n), timeout=CALL_TIMEOUT_S)
+        method, request = _call(job, stub, n)
+        future = method.future(request, timeout=CALL_TIMEOUT_S)
         n += 1
         future.add_done_callback(functools.partial(done, started))
     cpu.stop()
@@ -348,14 +374,23 @@ class Scenario:
     label: str
     credit: str  # "merchants" or "operator"
     window: int  # 0 = synchronous
+    batch: int = 1  # transfers per call
 
 
-def scenarios(windows: Sequence[int]) -> list[Scenario]:
+def scenarios(windows: Sequence[int], batches: Sequence[int] = (), batch_window: int = 0) -> list[Scenario]:
+    """One transfer per call (sync, then each window); then, for each batch size, batches of
+    independent transfers through PostTransferBatch, sync and with `batch_window` in flight."""
     found = [Scenario("merchant-sync", "rider -> merchant payables", "merchants", 0),
              Scenario("operator-sync", "rider -> operator revenue (hot)", "operator", 0)]
     for window in windows:
         found.append(Scenario(f"merchant-w{window}", "rider -> merchant payables", "merchants", window))
         found.append(Scenario(f"operator-w{window}", "rider -> operator revenue (hot)", "operator", window))
+    for batch in batches:
+        for window in sorted({0, batch_window}):
+            mode = "sync" if window == 0 else f"w{window}"
+            found.append(Scenario(f"merchant-b{batch}-{mode}", "rider -> merchant payables", "merchants", window, batch))
+            found.append(Scenario(f"operator-b{batch}-{mode}", "rider -> operator revenue (hot)", "operator", window,
+                                  batch))
     return found
 
 
@@ -487,7 +522,8 @@ class Bench:
             jobs.append(Job(
                 address=self.address, id_prefix=f"{self.run_id}-s{index}-c{p}",
                 debit_account_ids=tuple(self.riders[p::processes]), credit_account_ids=credits, kind=kind,
-                currency=self.config.currency, amount_minor=args.amount_minor, window=window, start_at=start_at,
+                currency=self.config.currency, amount_minor=args.amount_minor, window=window, batch=scenario.batch,
+                start_at=start_at,
                 warmup_s=args.warmup_s, duration_s=args.duration_s))
         return jobs
 
@@ -542,6 +578,7 @@ class Bench:
         return {
             "key": scenario.key, "label": scenario.label, "credit": scenario.credit,
             "mode": "sync" if scenario.window == 0 else "window", "clients": 1 if scenario.window == 0 else scenario.window,
+            "batch": scenario.batch,
             "client_processes": len(jobs),
             "transfers_per_s": round(per_s, 1),
             "ok_measured": tally.ok_measured,
@@ -638,20 +675,24 @@ def _fmt(value: Any, spec: str = "", missing: str = "n/a") -> str:
 def report(result: dict[str, Any]) -> str:
     pgbench = {(r["script"], r["clients"]): r.get("tps") for r in result["pgbench"]}
     lines = []
-    header = (f"{'scenario':<34} {'clients':>9} {'transfers/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}"
+    header = (f"{'scenario':<34} {'clients':>13} {'transfers/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}"
               f" {'pgbench tps':>12} {'-N tps':>9} {'ratio':>6}")
     lines += [header, "-" * len(header)]
     for s in result["scenarios"]:
         clients = "sync 1" if s["mode"] == "sync" else f"window {s['clients']}"
+        if s.get("batch", 1) > 1:
+            clients += f" x{s['batch']}"
         tpcb = pgbench.get(("tpcb-like", s["clients"]))
         simple = pgbench.get(("simple-update", s["clients"]))
         ratio = s["transfers_per_s"] / tpcb if tpcb else None
-        lines.append(f"{s['label']:<34} {clients:>9} {s['transfers_per_s']:>12.1f} {_fmt(s['p50_ms'], '.2f'):>8}"
+        lines.append(f"{s['label']:<34} {clients:>13} {s['transfers_per_s']:>12.1f} {_fmt(s['p50_ms'], '.2f'):>8}"
                      f" {_fmt(s['p99_ms'], '.2f'):>8} {s['errors_total']:>7} {_fmt(tpcb, '.0f'):>12}"
                      f" {_fmt(simple, '.0f'):>9} {_fmt(ratio, '.2f'):>6}")
+    lines += ["(clients: sync 1 = one synchronous client; window N = N calls in flight; xB = B independent transfers"
+              " per PostTransferBatch call, otherwise one transfer per CreateTransfers call)"]
     lines += ["", "CPU in the measured window: % of one core (microseconds of CPU per posted transfer); others ="
               " the rest of the machine; machine busy = % of all cores"]
-    header = (f"{'scenario':<16} {'wallet':>15} {'postgres':>15} {'kafka':>13} {'client':>13} {'others':>7}"
+    header = (f"{'scenario':<20} {'wallet':>15} {'postgres':>15} {'kafka':>13} {'client':>13} {'others':>7}"
               f" {'machine busy':>13} {'outbox left':>12}")
     lines += [header, "-" * len(header)]
     for s in result["scenarios"]:
@@ -660,16 +701,18 @@ def report(result: dict[str, Any]) -> str:
             c = s["cpu"].get(name)
             text = "n/a" if c is None else f"{c['percent_of_one_core']:.0f}% ({_fmt(c['us_per_transfer'], '.0f')})"
             cells.append(f"{text:>{width}}")
-        lines.append(f"{s['key']:<16} {' '.join(cells)} {_fmt(s['others_percent_of_one_core'], '.0f'):>6}%"
+        lines.append(f"{s['key']:<20} {' '.join(cells)} {_fmt(s['others_percent_of_one_core'], '.0f'):>6}%"
                      f" {_fmt(s['machine_busy_percent'], '.0f'):>12}%"
                      f" {_fmt(s['outbox_backlog_at_end']):>12}")
-    best = result["best_concurrent"]
     lines.append("")
-    if best:
-        lines.append(f"best concurrent: {best['label']}, window {best['clients']}: {best['transfers_per_s']:.1f} "
-                     f"posted transfers/s (p99 {_fmt(best['p99_ms'], '.2f')} ms)")
-        lines.append(f"ceiling: pgbench TPC-B-like at {best['clients']} clients {_fmt(best['pgbench_tps'], '.1f')} tps; "
-                     f"ratio API/pgbench {_fmt(best['ratio'], '.2f')}")
+    for title, best in (("best concurrent, one transfer per call", result.get("best_single")),
+                        ("best concurrent, any call", result["best_concurrent"])):
+        if not best:
+            continue
+        shape = f"window {best['clients']}" + (f", {best['batch']} transfers per call" if best["batch"] > 1 else "")
+        lines.append(f"{title}: {best['label']}, {shape}: {best['transfers_per_s']:.1f} posted transfers/s"
+                     f" (p99 {_fmt(best['p99_ms'], '.2f')} ms per call); pgbench TPC-B-like at {best['clients']} clients"
+                     f" {_fmt(best['pgbench_tps'], '.1f')} tps; ratio API/pgbench {_fmt(best['ratio'], '.2f')}")
     errors: Counter = Counter()
     for s in result["scenarios"]:
         errors.update(s["errors_by_reason"])
@@ -682,18 +725,18 @@ def report(result: dict[str, Any]) -> str:
     lines.append(f"machine: {result['machine']['cpus']} CPUs; load average {' '.join(f'{v:.2f}' for v in load_start)}"
                  f" at start, {' '.join(f'{v:.2f}' for v in load_end)} at end")
     lines.append(f"verdict: {result['verdict']} (target {TARGET_TRANSFERS_PER_S} posted transfers/s through the API,"
-                 " best concurrent scenario)")
+                 " best concurrent scenario of any call shape)")
     return "\n".join(lines)
 
 
-def best_concurrent(result: dict[str, Any]) -> dict[str, Any] | None:
-    concurrent = [s for s in result["scenarios"] if s["mode"] == "window"]
+def best_concurrent(result: dict[str, Any], *, single_only: bool = False) -> dict[str, Any] | None:
+    concurrent = [s for s in result["scenarios"] if s["mode"] == "window" and (s["batch"] == 1 or not single_only)]
     if not concurrent:
         return None
     best = max(concurrent, key=lambda s: s["transfers_per_s"])
     tps = next((r.get("tps") for r in result["pgbench"] if r["script"] == "tpcb-like" and r["clients"] == best["clients"]),
                None)
-    return {"key": best["key"], "label": best["label"], "clients": best["clients"],
+    return {"key": best["key"], "label": best["label"], "clients": best["clients"], "batch": best["batch"],
             "transfers_per_s": best["transfers_per_s"], "p99_ms": best["p99_ms"], "pgbench_tps": tps,
             "ratio": round(best["transfers_per_s"] / tps, 3) if tps else None}
 
@@ -708,6 +751,20 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError("expected comma-separated whole numbers, such as 8,16,32") from None
     if not values or any(not 1 <= v <= WINDOW_MAX for v in values):
         raise argparse.ArgumentTypeError(f"expected windows between 1 and {WINDOW_MAX}")
+    return values
+
+
+def _batch_list(text: str) -> tuple[int, ...]:
+    from services.wallet.domain import INDEPENDENT_TRANSFERS_MAX
+
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected comma-separated whole numbers, such as 16,64") from None
+    if values == (0,):
+        return ()
+    if not values or any(not 2 <= v <= INDEPENDENT_TRANSFERS_MAX for v in values):
+        raise argparse.ArgumentTypeError(f"expected batch sizes from 2 to {INDEPENDENT_TRANSFERS_MAX}, or 0 for none")
     return values
 
 
@@ -729,6 +786,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="unmeasured seconds before each scenario (default %(default)s)")
     parser.add_argument("--windows", type=_int_list, default=WINDOWS_DEFAULT,
                         help="in-flight windows of the concurrent scenarios (default 8,16,32)")
+    parser.add_argument("--batches", type=_batch_list, default=BATCHES_DEFAULT,
+                        help="transfers per PostTransferBatch call in the batch scenarios; 0 skips them (default 16,64)")
+    parser.add_argument("--batch-window", type=_bounded(int, 1, WINDOW_MAX), default=BATCH_WINDOW_DEFAULT,
+                        help="batch calls in flight in the concurrent batch scenarios (default %(default)s)")
     parser.add_argument("--client-processes", type=_bounded(int, 1, CLIENT_PROCESSES_MAX), default=1,
                         help="processes a window is spread over (default %(default)s)")
     parser.add_argument("--riders", type=_bounded(int, 1, RIDERS_MAX), default=RIDERS_DEFAULT,
@@ -777,13 +838,14 @@ def main(argv: Sequence[str] | None = None) -> int:
               f" {bench.fund_minor // args.amount_minor} transfers of {args.amount_minor}", flush=True)
         if args.client_processes > 1:
             workers = multiprocessing.get_context("spawn").Pool(args.client_processes)
-        print(f"== API: CreateTransfers, one transfer per call, {args.warmup_s:g} s warm-up + {args.duration_s:g} s"
-              " measured per scenario", flush=True)
+        print(f"== API: CreateTransfers with one transfer per call, then PostTransferBatch with"
+              f" {'/'.join(map(str, args.batches)) or 'no'} independent transfers per call; {args.warmup_s:g} s warm-up"
+              f" + {args.duration_s:g} s measured per scenario", flush=True)
         results = []
-        for index, scenario in enumerate(scenarios(args.windows)):
+        for index, scenario in enumerate(scenarios(args.windows, args.batches, args.batch_window)):
             outcome = bench.run_scenario(index, scenario, workers)
             results.append(outcome)
-            print(f"  {scenario.key:<16} {outcome['transfers_per_s']:>9.1f}/s  p50 {_fmt(outcome['p50_ms'], '.2f')} ms"
+            print(f"  {scenario.key:<20} {outcome['transfers_per_s']:>9.1f}/s  p50 {_fmt(outcome['p50_ms'], '.2f')} ms"
                   f"  p99 {_fmt(outcome['p99_ms'], '.2f')} ms  errors {outcome['errors_total']}", flush=True)
         posted = bench.posted_in_database()
         acknowledged = sum(s["acknowledged_total"] for s in results)
@@ -791,7 +853,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.no_pgbench:
             bench.wait_outbox_drained()
             print("== ceiling: pgbench on the same PostgreSQL", flush=True)
-            pgbench_results = bench.pgbench(sorted({1, *args.windows}))
+            pgbench_results = bench.pgbench(sorted({1, *args.windows, *([args.batch_window] if args.batches else [])}))
     except Exception as exc:  # noqa: BLE001 - report why the benchmark could not finish
         print(f"wallet_transfers: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
@@ -812,6 +874,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "database_check": {"posted": posted, "acknowledged": acknowledged, "match": posted == acknowledged},
     }
     result["best_concurrent"] = best_concurrent(result)
+    result["best_single"] = best_concurrent(result, single_only=True)
     best_rate = (result["best_concurrent"] or {}).get("transfers_per_s", 0.0)
     result["verdict"] = "PASS" if best_rate >= TARGET_TRANSFERS_PER_S else "FAIL"
     print()

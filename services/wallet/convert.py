@@ -144,7 +144,8 @@ def hold_request(message: wallet_pb2.CreateHoldRequest) -> HoldRequest:
 def post_request(message: wallet_pb2.PostHoldRequest) -> PostHoldRequest:
     amount, currency = _money_fields(message, "amount")
     return PostHoldRequest(hold_id=message.hold_id, amount_minor=amount, currency=currency,
-                           splits=splits_from_proto(message.splits))
+                           splits=splits_from_proto(message.splits),
+                           linked=tuple(transfer_request(t, index) for index, t in enumerate(message.linked_transfers)))
 
 
 def create_account_request(message: wallet_pb2.CreateAccountRequest) -> CreateAccountRequest:
@@ -200,6 +201,14 @@ def transfer_to_proto(transfer: Transfer) -> wallet_pb2.Transfer:
         corrects_transfer_id=transfer.corrects_transfer_id, reference=transfer.reference,
         posted_at=timestamp(transfer.posted_at),
     )
+
+
+def transfer_outcome(result: Transfer | errors.CityTapError) -> wallet_pb2.TransferOutcome:
+    """One PostTransferBatch outcome: the posted transfer, or why it was refused."""
+    if isinstance(result, errors.CityTapError):
+        return wallet_pb2.TransferOutcome(failure=wallet_pb2.TransferFailure(
+            reason=result.reason, message=result.message, metadata=result.metadata))
+    return wallet_pb2.TransferOutcome(transfer=transfer_to_proto(result))
 
 
 def history_entry_to_proto(entry: HistoryEntry) -> wallet_pb2.HistoryEntry:

@@ -35,6 +35,10 @@ from libs.money import AMOUNT_MINOR_MAX
 ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 CURRENCY_PATTERN = re.compile(r"^[A-Z]{3}$")
 BATCH_TRANSFERS_MAX = 32
+# Independent transfers in one PostTransferBatch call: one transaction, one lock pass.
+INDEPENDENT_TRANSFERS_MAX = 256
+# Transfers linked to a hold's post (a fare's split moves).
+POST_LINKED_TRANSFERS_MAX = 8
 SPLIT_LINES_MAX = 16
 REFERENCE_CHARS_MAX = 128
 LABEL_CHARS_MAX = 64
@@ -95,6 +99,7 @@ class TransferKind(enum.Enum):
     CORRECTION = "CORRECTION"
     PAYOUT = "PAYOUT"
     FEE = "FEE"
+    REVENUE_SHARE = "REVENUE_SHARE"
 
 
 # Kinds only the wallet's own top-up flow may post (through `Ledger.credit_from_clearing`);
@@ -116,6 +121,10 @@ class Party(enum.Enum):
     TRANSIT_OPERATOR = "TRANSIT_OPERATOR"
     CITY = "CITY"
     PLATFORM = "PLATFORM"
+
+
+def is_system_account(account_id: str) -> bool:
+    return account_id.startswith(SYSTEM_ID_PREFIX)
 
 
 def system_account_id(kind: AccountKind, currency: str) -> str:
@@ -243,6 +252,7 @@ class PostHoldRequest:
     amount_minor: int | None  # None: the whole held amount
     currency: str | None
     splits: tuple[SplitLine, ...] = ()
+    linked: tuple[TransferRequest, ...] = ()  # posted after the hold's transfer, all or none with it
 
 
 @dataclass(frozen=True)
@@ -401,6 +411,21 @@ def validate_batch(requests: Sequence[TransferRequest], *, internal: bool = Fals
     return tuple(requests)
 
 
+def check_independent_batch(transfer_ids: Sequence[str]) -> None:
+    """The shape of a PostTransferBatch call: 1 to INDEPENDENT_TRANSFERS_MAX distinct ids."""
+    if not transfer_ids:
+        raise errors.InvalidArgument("INVALID_ARGUMENT", "at least one transfer is required", field="transfers")
+    if len(transfer_ids) > INDEPENDENT_TRANSFERS_MAX:
+        raise errors.InvalidArgument(
+            "INVALID_ARGUMENT", f"at most {INDEPENDENT_TRANSFERS_MAX} transfers go in one batch", field="transfers")
+    seen: set[str] = set()
+    for index, transfer_id in enumerate(transfer_ids):
+        if transfer_id in seen:
+            raise errors.InvalidArgument("INVALID_ARGUMENT", "a transfer id appears twice in the batch",
+                                         field="transfer_id", index=str(index))
+        seen.add(transfer_id)
+
+
 def validate_hold(request: HoldRequest) -> HoldRequest:
     check_id(request.hold_id, "hold_id")
     check_id(request.debit_account_id, "debit_account_id")
@@ -411,7 +436,7 @@ def validate_hold(request: HoldRequest) -> HoldRequest:
     check_currency(request.currency, "amount.currency")
     if not isinstance(request.kind, TransferKind):
         raise errors.InvalidArgument("INVALID_ARGUMENT", "kind must be set", field="kind")
-    if request.kind in INTERNAL_TRANSFER_KINDS:
+    if request.kind in INTERNAL_TRANSFER_KINDS or request.kind is TransferKind.REVENUE_SHARE:
         raise errors.InvalidArgument("INVALID_ARGUMENT", f"{request.kind.name} is not a kind a hold can have", field="kind")
     check_text(request.reference, "reference", REFERENCE_CHARS_MAX)
     return request
@@ -434,6 +459,19 @@ def validate_post(request: PostHoldRequest) -> PostHoldRequest:
         check_amount(request.amount_minor, "amount")
         check_currency(request.currency, "amount.currency")
     # Splits are checked against the posted amount once the hold is known (`resolve_post`).
+    if len(request.linked) > POST_LINKED_TRANSFERS_MAX:
+        raise errors.InvalidArgument("INVALID_ARGUMENT", f"at most {POST_LINKED_TRANSFERS_MAX} linked transfers",
+                                     field="linked_transfers")
+    seen = {request.hold_id}
+    for index, linked in enumerate(request.linked):
+        validate_transfer(linked, index=index)
+        if linked.transfer_id in seen:
+            raise errors.InvalidArgument("INVALID_ARGUMENT", "a linked transfer id repeats the hold's or another's",
+                                         field="linked_transfers.transfer_id", index=str(index))
+        if linked.corrects_transfer_id:
+            raise errors.InvalidArgument("INVALID_ARGUMENT", "a linked transfer cannot be a correction",
+                                         field="linked_transfers.corrects_transfer_id", index=str(index))
+        seen.add(linked.transfer_id)
     return request
 
 
@@ -556,9 +594,14 @@ def hold_hash(request: HoldRequest) -> bytes:
     ])
 
 
-def post_hash(amount_minor: int, splits: Sequence[SplitLine]) -> bytes:
-    """A post's fingerprint uses the resolved amount, so 'unset' and 'the full amount' match."""
-    return _fingerprint("post.v1", [amount_minor, _splits(splits)])
+def post_hash(amount_minor: int, splits: Sequence[SplitLine], linked: Sequence[TransferRequest] = ()) -> bytes:
+    """A post's fingerprint uses the resolved amount, so 'unset' and 'the full amount' match.
+    Linked transfers are part of it (each by id and payload); a post without any keeps the
+    fingerprint it always had."""
+    if not linked:
+        return _fingerprint("post.v1", [amount_minor, _splits(splits)])
+    return _fingerprint("post.v2", [amount_minor, _splits(splits),
+                                    [[t.transfer_id, transfer_hash(t).hex()] for t in linked]])
 
 
 def account_hash(request: CreateAccountRequest) -> bytes:
@@ -663,13 +706,19 @@ class Book:
                                              **({"index": str(index)} if index is not None else {}))
 
     def transfer(self, request: TransferRequest, index: int | None = None) -> tuple[int, int]:
-        """Apply a transfer; return (debit balance after, credit balance after)."""
+        """Apply a transfer; return (debit balance after, credit balance after). A refused
+        transfer leaves the book as it was, so the next request of a batch sees no trace of it."""
         debit, credit = self._pair(request.debit_account_id, request.credit_account_id, request.currency, index)
         debit.balance -= request.amount_minor
         credit.balance += request.amount_minor
-        self._check_fits(debit, credit, index=index)
-        self._check_floor(debit, index)
-        self._check_stored_value(credit, index)
+        try:
+            self._check_fits(debit, credit, index=index)
+            self._check_floor(debit, index)
+            self._check_stored_value(credit, index)
+        except errors.CityTapError:
+            debit.balance += request.amount_minor
+            credit.balance -= request.amount_minor
+            raise
         return debit.balance, credit.balance
 
     def reserve(self, request: HoldRequest) -> None:

@@ -59,6 +59,8 @@ from services.wallet.domain import (
     TransferRequest,
     account_hash,
     card_hash,
+    is_system_account,
+    check_independent_batch,
     check_card_uid,
     check_id,
     check_text,
@@ -79,6 +81,7 @@ from services.wallet.domain import (
     validate_create_account,
     validate_hold,
     validate_post,
+    validate_transfer,
 )
 from services.wallet.repository import Repository
 
@@ -210,9 +213,9 @@ class Ledger:
         the due holds those accounts have pending, and return the locked rows as they are now."""
         due = self._repo.due_holds(conn, now, debit_account_ids=account_ids, limit=LAZY_EXPIRY_MAX)
         lock_ids = set(account_ids) | {a for _, debit, credit in due for a in (debit, credit)}
-        accounts = self._repo.lock_accounts(conn, lock_ids)
+        accounts = self._repo.lock_accounts_but_system(conn, lock_ids)
         if due and self._expire_locked(conn, [hold_id for hold_id, _, _ in due], accounts, now):
-            accounts = self._repo.lock_accounts(conn, lock_ids)  # re-read: reservations were released
+            accounts = self._repo.lock_accounts_but_system(conn, lock_ids)  # re-read: reservations were released
         return accounts
 
     def _expire_locked(self, conn: psycopg.Connection, hold_ids: Sequence[str], accounts: dict[str, Account],
@@ -454,6 +457,16 @@ class Ledger:
 
         return self._transaction(work)
 
+    def available(self, account_ids: Collection[str]) -> dict[str, Account]:
+        """The named accounts as they are now (`available_minor` = balance less pending holds),
+        read without locking; for answering a write with the balance it left. Unknown ids are
+        simply absent."""
+
+        def work(conn: psycopg.Connection) -> dict[str, Account]:
+            return self._repo.get_accounts(conn, account_ids)
+
+        return self._transaction(work)
+
     def list_history(self, account_id: str, *, page_size_requested: int = 0, page_token: str = "",
                      start_at: datetime | None = None, end_at: datetime | None = None) -> tuple[list[HistoryEntry], str]:
         check_id(account_id, "account_id")
@@ -501,12 +514,93 @@ class Ledger:
                         raise errors.InvalidArgument("INVALID_ARGUMENT", f"the credited account must be a {credit_kind.name}",
                                                      field="credit_account_id", index=str(index))
             self._check_corrections(conn, requests)
+            # The event first, the balance-moving insert last: see _as_posted.
+            key = event_account_key([(accounts[r.debit_account_id], accounts[r.credit_account_id]) for r in requests])
+            self._emit(conn, key, now, transfer_posted=events_pb2.TransferPosted(
+                transfers=[convert.transfer_to_proto(_as_posted(r, h, now)) for r, h in zip(requests, hashes)]))
             transfers = self._repo.insert_transfers(conn, requests, hashes, now)
             _assert_balances(transfers, planned)
-            key = event_account_key([(accounts[t.debit_account_id], accounts[t.credit_account_id]) for t in transfers])
-            self._emit(conn, key, now, transfer_posted=events_pb2.TransferPosted(
-                transfers=[convert.transfer_to_proto(t) for t in transfers]))
             return transfers
+
+        return self._transaction(work, retry_unique={"transfers_pkey"})
+
+    def post_transfer_batch(self, requests: Sequence[TransferRequest]) -> list[Transfer | errors.CityTapError]:
+        """Post independent transfers in order, each as if sent alone, in ONE transaction.
+
+        Each outcome is the posted transfer (or the original one, for an id already posted with
+        the same payload) or the error that refused it; a refused transfer records nothing and
+        leaves the balances the next one sees untouched. The whole call fails only when the
+        batch itself is malformed (empty, too long, an id twice) or the database fails. One
+        lock pass, one insert and one commit serve the whole batch, which is what makes batches
+        the fast path for clients that post many transfers (see loadtests/wallet_transfers.py).
+        """
+        check_independent_batch([r.transfer_id for r in requests])
+        outcomes: list[Transfer | errors.CityTapError | None] = [None] * len(requests)
+        valid: list[int] = []
+        for index, request in enumerate(requests):
+            try:
+                validate_transfer(request, index=index)
+                valid.append(index)
+            except errors.CityTapError as exc:
+                outcomes[index] = exc
+        hashes = {i: transfer_hash(requests[i]) for i in valid}
+
+        def work(conn: psycopg.Connection) -> list[Transfer | errors.CityTapError]:
+            result = list(outcomes)
+            todo = []
+            existing = self._repo.find_transfers(conn, [requests[i].transfer_id for i in valid]) if valid else {}
+            clash = self._repo.existing_hold_ids(conn, [requests[i].transfer_id for i in valid
+                                                        if requests[i].transfer_id not in existing]) if valid else set()
+            for i in valid:
+                found = existing.get(requests[i].transfer_id)
+                if found is not None:
+                    result[i] = found if found.request_hash == hashes[i] else errors.Conflict(
+                        "IDEMPOTENCY_CONFLICT", f"transfer {found.transfer_id} exists with a different payload",
+                        index=str(i), transfer_id=found.transfer_id)
+                elif requests[i].transfer_id in clash:
+                    result[i] = errors.Conflict("IDEMPOTENCY_CONFLICT", f"{requests[i].transfer_id} is already the id of a hold",
+                                                index=str(i), transfer_id=requests[i].transfer_id)
+                else:
+                    todo.append(i)
+            if not todo:
+                return result  # type: ignore[return-value]
+            now = self._now()
+            accounts = self._lock(conn, {a for i in todo for a in (requests[i].debit_account_id,
+                                                                    requests[i].credit_account_id)}, now)
+            targets = {requests[i].corrects_transfer_id for i in todo if requests[i].corrects_transfer_id}
+            corrected = self._repo.existing_transfer_ids(conn, targets) if targets else set()
+            position = {requests[i].transfer_id: i for i in todo}
+            book = Book(accounts, self.config.stored_value_max_minor)
+            posted: list[int] = []
+            planned = []
+            for i in todo:
+                request = requests[i]
+                try:
+                    target = request.corrects_transfer_id
+                    if target and target not in corrected:
+                        if position.get(target, -1) > i:
+                            raise errors.InvalidArgument("INVALID_ARGUMENT", "a transfer can only correct an earlier one",
+                                                         field="corrects_transfer_id", index=str(i))
+                        raise errors.NotFound("NOT_FOUND", f"no transfer {target} to correct", resource="transfer",
+                                              field="corrects_transfer_id", index=str(i))
+                    planned.append(book.transfer(request, i))
+                except errors.CityTapError as exc:
+                    result[i] = exc
+                    continue
+                posted.append(i)
+                corrected.add(request.transfer_id)  # a later transfer of the batch may correct this one
+            if posted:
+                for i in posted:  # one event per transfer, before the balance-moving insert
+                    request = requests[i]
+                    key = event_account_key([(accounts[request.debit_account_id], accounts[request.credit_account_id])])
+                    self._emit(conn, key, now, transfer_posted=events_pb2.TransferPosted(
+                        transfers=[convert.transfer_to_proto(_as_posted(request, hashes[i], now))]))
+                transfers = self._repo.insert_transfers(conn, [requests[i] for i in posted], [hashes[i] for i in posted],
+                                                        now)
+                _assert_balances(transfers, planned)
+                for i, transfer in zip(posted, transfers, strict=True):
+                    result[i] = transfer
+            return result  # type: ignore[return-value]
 
         return self._transaction(work, retry_unique={"transfers_pkey"})
 
@@ -560,24 +654,30 @@ class Ledger:
                                      ttl_max_s=self.config.hold_ttl_max_s)
             accounts = self._lock(conn, {request.debit_account_id, request.credit_account_id}, now)
             Book(accounts, self.config.stored_value_max_minor).reserve(request)
-            hold = self._repo.insert_hold(
+            placed = Hold(hold_id=request.hold_id, debit_account_id=request.debit_account_id,
+                          credit_account_id=request.credit_account_id, amount_minor=request.amount_minor,
+                          currency=request.currency, kind=request.kind, reference=request.reference,
+                          created_at=now, expires_at=expires_at, request_hash=fingerprint)
+            key = event_account_key([(accounts[placed.debit_account_id], accounts[placed.credit_account_id])])
+            self._emit(conn, key, now, hold_placed=events_pb2.HoldPlaced(hold=convert.hold_to_proto(placed)))
+            hold = self._repo.insert_hold(  # last: its trigger takes the credited system account's row lock
                 conn, hold_id=request.hold_id, debit_account_id=request.debit_account_id,
                 credit_account_id=request.credit_account_id, amount_minor=request.amount_minor,
                 currency=request.currency, kind=request.kind, reference=request.reference, request_hash=fingerprint,
                 created_at=now, expires_at=expires_at)
-            key = event_account_key([(accounts[hold.debit_account_id], accounts[hold.credit_account_id])])
-            self._emit(conn, key, now, hold_placed=events_pb2.HoldPlaced(hold=convert.hold_to_proto(hold)))
+            assert hold == placed
             return hold
 
         return self._transaction(work, retry_unique={"holds_pkey"})
 
-    def _locked_hold(self, conn: psycopg.Connection, hold_id: str, now: datetime) -> tuple[Hold, dict[str, Account]]:
-        """The hold re-read after locking its two accounts (every resolution locks both, so
-        its state cannot change under us)."""
+    def _locked_hold(self, conn: psycopg.Connection, hold_id: str, now: datetime, *,
+                     also: Collection[str] = ()) -> tuple[Hold, dict[str, Account]]:
+        """The hold re-read after locking its two accounts and the `also` ones (every
+        resolution locks the hold's rider side, so its state cannot change under us)."""
         hold = self._repo.get_hold(conn, hold_id)
         if hold is None:
             raise errors.NotFound("NOT_FOUND", f"no hold {hold_id}", resource="hold", hold_id=hold_id)
-        accounts = self._repo.lock_accounts(conn, [hold.debit_account_id, hold.credit_account_id])
+        accounts = self._repo.lock_accounts_but_system(conn, {hold.debit_account_id, hold.credit_account_id, *also})
         hold = self._repo.get_hold(conn, hold_id)
         assert hold is not None
         return hold, accounts
@@ -585,18 +685,34 @@ class Ledger:
     def post_hold(self, request: PostHoldRequest) -> tuple[Hold, Transfer]:
         """Post a pending hold for its amount or less; the transfer's id is the hold's id.
         Posting again with the same amount and splits returns the original result."""
-        request = validate_post(request)
+        hold, transfer, _ = self.post_hold_linked(request)
+        return hold, transfer
 
-        def work(conn: psycopg.Connection) -> tuple[Hold, Transfer] | _AfterCommit:
+    def post_hold_linked(self, request: PostHoldRequest) -> tuple[Hold, Transfer, list[Transfer]]:
+        """`post_hold`, plus the request's linked transfers posted right after the hold's own in
+        the same transaction, all or none (a fare and the moves of its split). Returns them too;
+        a retry with the same payload returns the original ones."""
+        request = validate_post(request)
+        linked_ids = [t.transfer_id for t in request.linked]
+
+        def work(conn: psycopg.Connection) -> tuple[Hold, Transfer, list[Transfer]] | _AfterCommit:
             now = self._now()
-            hold, accounts = self._locked_hold(conn, request.hold_id, now)
+            hold, accounts = self._locked_hold(conn, request.hold_id, now,
+                                               also={a for t in request.linked for a in (t.debit_account_id,
+                                                                                          t.credit_account_id)})
             amount, splits = resolve_post(request, hold)
-            fingerprint = post_hash(amount, splits)
+            for index, linked in enumerate(request.linked):
+                if linked.currency != hold.currency:
+                    raise errors.InvalidArgument("INVALID_CURRENCY", f"the hold is in {hold.currency}",
+                                                 field="linked_transfers.amount.currency", index=str(index))
+            fingerprint = post_hash(amount, splits, request.linked)
             if hold.status is HoldStatus.POSTED:
                 if hold.resolution_hash != fingerprint:
-                    raise errors.Conflict("IDEMPOTENCY_CONFLICT", f"hold {hold.hold_id} was posted with another amount",
+                    raise errors.Conflict("IDEMPOTENCY_CONFLICT",
+                                          f"hold {hold.hold_id} was posted with another amount or other linked transfers",
                                           hold_id=hold.hold_id)
-                return hold, self._repo.find_transfers(conn, [hold.transfer_id])[hold.transfer_id]
+                found = self._repo.find_transfers(conn, [hold.transfer_id, *linked_ids])
+                return hold, found[hold.transfer_id], [found[i] for i in linked_ids]
             if hold.status is HoldStatus.VOIDED:
                 raise errors.FailedPrecondition("INVALID_STATE", f"hold {hold.hold_id} was voided", hold_id=hold.hold_id,
                                                 status=hold.status.name)
@@ -605,24 +721,38 @@ class Ledger:
             if hold.is_due(now):
                 self._expire_locked(conn, [hold.hold_id], accounts, now)
                 return _AfterCommit(_hold_expired(hold))
-            if self._repo.existing_transfer_ids(conn, [hold.hold_id]):
-                raise errors.Conflict("IDEMPOTENCY_CONFLICT", f"a transfer already has the id {hold.hold_id}",
-                                      hold_id=hold.hold_id)
-            planned = Book(accounts, self.config.stored_value_max_minor).post(hold, amount)
-            self._repo.insert_resolution(conn, hold.hold_id, HoldStatus.POSTED, now, posted_amount_minor=amount,
-                                         transfer_id=hold.hold_id, request_hash=fingerprint)
+            taken = self._repo.existing_transfer_ids(conn, [hold.hold_id, *linked_ids])
+            if taken:
+                transfer_id = hold.hold_id if hold.hold_id in taken else next(i for i in linked_ids if i in taken)
+                raise errors.Conflict("IDEMPOTENCY_CONFLICT", f"a transfer already has the id {transfer_id}",
+                                      hold_id=hold.hold_id, transfer_id=transfer_id)
+            clash = self._repo.existing_hold_ids(conn, linked_ids) if linked_ids else set()
+            if clash:
+                raise errors.Conflict("IDEMPOTENCY_CONFLICT", f"{sorted(clash)[0]} is already the id of a hold",
+                                      hold_id=hold.hold_id, transfer_id=sorted(clash)[0])
+            book = Book(accounts, self.config.stored_value_max_minor)
+            planned = [book.post(hold, amount)]
+            planned += [book.transfer(t, i) for i, t in enumerate(request.linked)]
             transfer_request = TransferRequest(
                 transfer_id=hold.hold_id, debit_account_id=hold.debit_account_id,
                 credit_account_id=hold.credit_account_id, amount_minor=amount, currency=hold.currency, kind=hold.kind,
                 splits=splits, reference=hold.reference)
-            [transfer] = self._repo.insert_transfers(conn, [transfer_request], [fingerprint], now, hold_id=hold.hold_id)
-            _assert_balances([transfer], [planned])
+            linked_hashes = [transfer_hash(t) for t in request.linked]
             posted = replace(hold, status=HoldStatus.POSTED, posted_amount_minor=amount, transfer_id=hold.hold_id,
                              resolved_at=now, resolution_hash=fingerprint)
             key = event_account_key([(accounts[hold.debit_account_id], accounts[hold.credit_account_id])])
             self._emit(conn, key, now, hold_posted=events_pb2.HoldPosted(
-                hold=convert.hold_to_proto(posted), transfer=convert.transfer_to_proto(transfer)))
-            return posted, transfer
+                hold=convert.hold_to_proto(posted),
+                transfer=convert.transfer_to_proto(_as_posted(transfer_request, fingerprint, now, hold_id=hold.hold_id)),
+                linked_transfers=[convert.transfer_to_proto(_as_posted(t, h, now))
+                                  for t, h in zip(request.linked, linked_hashes)]))
+            # Last, the statements whose triggers take the system accounts' row locks.
+            self._repo.insert_resolution(conn, hold.hold_id, HoldStatus.POSTED, now, posted_amount_minor=amount,
+                                         transfer_id=hold.hold_id, request_hash=fingerprint)
+            [transfer] = self._repo.insert_transfers(conn, [transfer_request], [fingerprint], now, hold_id=hold.hold_id)
+            linked = self._repo.insert_transfers(conn, request.linked, linked_hashes, now) if request.linked else []
+            _assert_balances([transfer, *linked], planned)
+            return posted, transfer, linked
 
         return self._transaction(work)  # type: ignore[arg-type]
 
@@ -659,10 +789,26 @@ class Ledger:
             due = self._repo.due_holds(conn, now, limit=batch_max)
             if not due:
                 return 0
-            accounts = self._repo.lock_accounts(conn, {a for _, debit, credit in due for a in (debit, credit)})
+            accounts = self._repo.lock_accounts_but_system(conn, {a for _, debit, credit in due for a in (debit, credit)})
             return len(self._expire_locked(conn, [hold_id for hold_id, _, _ in due], accounts, now))
 
         return self._transaction(work)
+
+
+def _as_posted(request: TransferRequest, request_hash: bytes, posted_at: datetime, *, hold_id: str = "") -> Transfer:
+    """The transfer `request` becomes when inserted at `posted_at`, for its event, which is
+    written before the insert. The event carries no running balances, so none are set here.
+
+    Why before: the insert's trigger updates the balance rows, which for a system account
+    (the operator revenue every fare credits) is the moment its row lock is taken, held until
+    the commit. Writing the event first keeps that lock for one statement and the commit only.
+    """
+    return Transfer(
+        transfer_id=request.transfer_id, debit_account_id=request.debit_account_id,
+        credit_account_id=request.credit_account_id, amount_minor=request.amount_minor, currency=request.currency,
+        kind=request.kind, splits=request.splits, hold_id=hold_id, corrects_transfer_id=request.corrects_transfer_id,
+        reference=request.reference, posted_at=posted_at, debit_balance_after_minor=0, credit_balance_after_minor=0,
+        request_hash=request_hash)
 
 
 def _hold_expired(hold: Hold) -> errors.FailedPrecondition:
@@ -687,9 +833,13 @@ def _replay_transfers(requests: Sequence[TransferRequest], hashes: Sequence[byte
 
 def _assert_balances(transfers: Sequence[Transfer], planned: Sequence[tuple[int, int]]) -> None:
     """The balances the database computed must be those the domain planned; anything else is
-    a bug, and raising here rolls the transaction back."""
+    a bug, and raising here rolls the transaction back. System accounts are not locked before
+    the insert (see Repository.lock_accounts_but_system), so the domain cannot know their
+    balance in advance; their side is not compared."""
     for transfer, (debit_after, credit_after) in zip(transfers, planned, strict=True):
-        if (transfer.debit_balance_after_minor, transfer.credit_balance_after_minor) != (debit_after, credit_after):
+        database = (None if is_system_account(transfer.debit_account_id) else transfer.debit_balance_after_minor,
+                    None if is_system_account(transfer.credit_account_id) else transfer.credit_balance_after_minor)
+        if database != (None if database[0] is None else debit_after, None if database[1] is None else credit_after):
             raise AssertionError(f"ledger drift on {transfer.transfer_id}: database "
                                  f"{transfer.debit_balance_after_minor}/{transfer.credit_balance_after_minor}, "
                                  f"planned {debit_after}/{credit_after}")

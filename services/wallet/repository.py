@@ -25,6 +25,7 @@ from services.wallet.domain import (
     Hold,
     HoldStatus,
     Party,
+    SYSTEM_ID_PREFIX,
     SplitLine,
     Transfer,
     TransferKind,
@@ -92,6 +93,34 @@ class Repository:
         rows = conn.execute(self._q(
             f"SELECT {_ACCOUNT_COLUMNS} FROM {{s}}.accounts WHERE id = ANY(%s) ORDER BY id FOR NO KEY UPDATE"),
             (sorted(set(account_ids)),)).fetchall()
+        return {row[0]: _account(row) for row in rows}
+
+    def get_accounts(self, conn: psycopg.Connection, account_ids: Collection[str]) -> dict[str, Account]:
+        rows = conn.execute(self._q(f"SELECT {_ACCOUNT_COLUMNS} FROM {{s}}.accounts WHERE id = ANY(%s)"),
+                            (list(set(account_ids)),)).fetchall()
+        return {row[0]: _account(row) for row in rows}
+
+    def lock_accounts_but_system(self, conn: psycopg.Connection, account_ids: Collection[str]) -> dict[str, Account]:
+        """Lock the named accounts in id order, except system accounts, which are read as last
+        committed and left unlocked; return those that exist, in one round trip.
+
+        System accounts have no floor and no stored-value limit, so no check the service makes
+        depends on their balance; they are the hot accounts every fare or payment credits. The
+        row lock on one is taken only by the balance UPDATE of the transfers trigger, the last
+        statement before the commit, so concurrent fares queue on it for the shortest time.
+        Every transaction takes its explicit locks (never a system account) before any
+        trigger lock (always a system account), so the two kinds of lock never wait on each
+        other in a cycle."""
+        ids = set(account_ids)
+        system = sorted(a for a in ids if a.startswith(SYSTEM_ID_PREFIX))
+        others = sorted(ids.difference(system))
+        if not system:
+            return self.lock_accounts(conn, others)
+        rows = conn.execute(self._q(
+            f"WITH locked AS (SELECT {_ACCOUNT_COLUMNS} FROM {{s}}.accounts WHERE id = ANY(%s) ORDER BY id"
+            " FOR NO KEY UPDATE)"
+            f" SELECT * FROM locked UNION ALL SELECT {_ACCOUNT_COLUMNS} FROM {{s}}.accounts WHERE id = ANY(%s)"),
+            (others, system)).fetchall()
         return {row[0]: _account(row) for row in rows}
 
     def get_account(self, conn: psycopg.Connection, account_id: str) -> Account | None:
