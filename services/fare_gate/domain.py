@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import math
 import re
 import uuid
 from dataclasses import dataclass
@@ -75,6 +76,15 @@ class JourneyStatus(enum.Enum):
 # --- limits -------------------------------------------------------------------------------
 
 CARD_UID_LENGTHS = (4, 7, 10)
+# Phone credentials: a QR payload is about 340 bytes (libs/device_credentials.py); anything
+# over this is refused unread. An NFC token is the wallet's "nfc_" + 32 characters.
+PHONE_QR_BYTES_MAX = 1024
+NFC_TOKEN_CHARS_MAX = 64
+# Face credentials: the face service's model makes 128-d embeddings; a liveness burst is a
+# few frames, each a JPEG or PNG of bounded size.
+FACE_EMBEDDING_DIMENSIONS = 128
+FACE_FRAMES_MAX = 16
+FACE_FRAME_BYTES_MAX = 2 * 1024 * 1024
 ID_CHARS_MAX = 64
 _ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
@@ -102,6 +112,14 @@ class Gate:
 
 
 @dataclass(frozen=True, slots=True)
+class FaceProbe:
+    """A face as the gate sent it: an embedding computed on the gate, or camera frames."""
+
+    embedding: tuple[float, ...] = ()
+    frames: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class TapInput:
     """A tap as it arrived, before any check (the servicer fills it from the proto)."""
 
@@ -113,6 +131,9 @@ class TapInput:
     credential_kind: CredentialKind | None
     card_uid: bytes
     route_id: str
+    phone_qr: bytes = b""  # the QR payload's bytes, for a PHONE_QR credential
+    nfc_token: str = ""  # the virtual card token, for an NFC credential
+    face: FaceProbe | None = None  # for a FACE credential
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,9 +145,13 @@ class Tap:
     stop_id: str
     direction: Direction
     tapped_at: datetime  # UTC
-    card_uid: bytes
+    card_uid: bytes  # empty unless the credential is a card
     route_id: str | None
     network_id: str
+    credential_kind: CredentialKind = CredentialKind.CARD
+    phone_qr: bytes = b""
+    nfc_token: str = ""
+    face: FaceProbe | None = None
 
     @property
     def gate_id(self) -> str:
@@ -181,8 +206,10 @@ def validate_tap(raw: TapInput, gates: dict[str, Gate], catalogue: Catalogue, *,
     stop_id = _check_stop(raw.stop_id, gate, catalogue)
     route_id, network_id = _check_route(raw.route_id, gate, catalogue)
     tapped_at = _check_time(raw.tapped_at, now, tap_age_s_max, clock_skew_s_max)
-    card_uid = _check_credential(raw.credential_kind, raw.card_uid)
-    return Tap(tap_id, gate, stop_id, direction, tapped_at, card_uid, route_id, network_id)
+    kind = _check_credential(raw)
+    return Tap(tap_id, gate, stop_id, direction, tapped_at, raw.card_uid if kind is CredentialKind.CARD else b"",
+               route_id, network_id, kind, raw.phone_qr if kind is CredentialKind.PHONE_QR else b"",
+               raw.nfc_token if kind is CredentialKind.NFC else "", raw.face if kind is CredentialKind.FACE else None)
 
 
 def _check_stop(stop_id: str, gate: Gate, catalogue: Catalogue) -> str:
@@ -220,16 +247,38 @@ def _check_time(tapped_at: datetime | None, now: datetime, tap_age_s_max: int, c
     return tapped_at
 
 
-def _check_credential(kind: CredentialKind | None, card_uid: bytes) -> bytes:
+def _check_credential(raw: TapInput) -> CredentialKind:
+    """The credential's shape only; whether it is genuine is credentials.py's question."""
+    kind = raw.credential_kind
     if kind is None:
         raise _invalid("credential", "the tap must carry exactly one credential")
-    if kind is not CredentialKind.CARD:
-        raise errors.InvalidArgument("UNSUPPORTED_CREDENTIAL",
-                                     f"{kind.name.lower()} taps are not accepted yet: only card UIDs are",
-                                     field="credential")
-    if len(card_uid) not in CARD_UID_LENGTHS:
-        raise _invalid("credential.card_uid", "a card UID is 4, 7 or 10 bytes")
-    return card_uid
+    if kind is CredentialKind.CARD:
+        if len(raw.card_uid) not in CARD_UID_LENGTHS:
+            raise _invalid("credential.card_uid", "a card UID is 4, 7 or 10 bytes")
+    elif kind is CredentialKind.PHONE_QR:
+        if not raw.phone_qr or len(raw.phone_qr) > PHONE_QR_BYTES_MAX:
+            raise _invalid("credential.phone_qr", f"a phone QR payload is 1 to {PHONE_QR_BYTES_MAX} bytes")
+    elif kind is CredentialKind.NFC:
+        token = raw.nfc_token
+        if not token or len(token) > NFC_TOKEN_CHARS_MAX or not token.isascii() or not token.isprintable():
+            raise _invalid("credential.nfc_token", f"an NFC token is 1 to {NFC_TOKEN_CHARS_MAX} printable ASCII "
+                                                   "characters")
+    elif kind is CredentialKind.FACE:
+        _check_face(raw.face)
+    return kind
+
+
+def _check_face(face: FaceProbe | None) -> None:
+    if face is None or bool(face.embedding) == bool(face.frames):
+        raise _invalid("credential", "a face credential carries an embedding or frames")
+    if face.embedding:
+        if len(face.embedding) != FACE_EMBEDDING_DIMENSIONS or not all(math.isfinite(v) for v in face.embedding):
+            raise _invalid("credential.face_embedding", f"a face embedding is {FACE_EMBEDDING_DIMENSIONS} finite "
+                                                        "numbers")
+        return
+    if len(face.frames) > FACE_FRAMES_MAX or any(not f or len(f) > FACE_FRAME_BYTES_MAX for f in face.frames):
+        raise _invalid("credential.face_frames", f"a face burst is 1 to {FACE_FRAMES_MAX} frames of 1 byte to "
+                                                 f"{FACE_FRAME_BYTES_MAX // (1024 * 1024)} MiB each")
 
 
 # --- derived ids and fingerprints --------------------------------------------------------

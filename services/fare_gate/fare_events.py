@@ -11,7 +11,6 @@ from datetime import datetime
 
 from google.protobuf import timestamp_pb2
 
-from citytap.common.v1 import credential_pb2
 from citytap.fare_gate.v1 import events_pb2
 from libs.protos import money_pb
 from services.fare_gate.domain import Journey, JourneyEnd, Tap, TapOutcome, event_id_for
@@ -35,7 +34,7 @@ def tap_recorded(tap: Tap, outcome: TapOutcome, account_id: str | None, occurred
                  ) -> events_pb2.FareGateEvent:
     return _envelope(tap.tap_id, "TapRecorded", account_id, occurred_at, tap_recorded=events_pb2.TapRecorded(
         tap_id=tap.tap_id, gate_id=tap.gate_id, stop_id=tap.stop_id, direction=int(tap.direction),
-        tapped_at=_ts(tap.tapped_at), credential_kind=credential_pb2.CREDENTIAL_KIND_CARD,
+        tapped_at=_ts(tap.tapped_at), credential_kind=int(tap.credential_kind),
         decision=int(outcome.decision), reason=int(outcome.reason),
         fare_charged=money_pb(outcome.fare_charged_minor, outcome.currency), journey_id=outcome.journey_id,
         offline=False, route_id=tap.route_id or ""))

@@ -240,10 +240,11 @@ class AccountTx:
             "INSERT INTO {s}.taps (tap_id, request_hash, gate_id, stop_id, direction, route_id, tapped_at,"
             " credential_kind, credential_hash, account_id, decision, reason, journey_id, fare_charged_minor,"
             " amount_held_minor, balance_minor, currency)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, 1, %s, %s, %s, %s, %s, %s, %s, %s, %s)" + conflict)
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)" + conflict)
         params = (tap.tap_id, fingerprint, tap.gate_id, tap.stop_id, int(tap.direction), tap.route_id, tap.tapped_at,
-                  card_hash, account_id, int(outcome.decision), int(outcome.reason), outcome.journey_id or None,
-                  outcome.fare_charged_minor, outcome.amount_held_minor, outcome.balance_minor, outcome.currency)
+                  int(tap.credential_kind), card_hash, account_id, int(outcome.decision), int(outcome.reason),
+                  outcome.journey_id or None, outcome.fare_charged_minor, outcome.amount_held_minor,
+                  outcome.balance_minor, outcome.currency)
         if on_conflict_do_nothing:
             return self.conn.execute(query, params).fetchone() is not None
         self._write(f"recording tap {tap.tap_id}", query, params, 1)

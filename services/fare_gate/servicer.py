@@ -15,7 +15,7 @@ from citytap.fare_gate.v1 import fare_gate_pb2, fare_gate_pb2_grpc
 from libs import errors
 from libs.grpc_server import Registration
 from libs.protos import money_pb
-from services.fare_gate.domain import CredentialKind, GateKind, TapInput, TapOutcome
+from services.fare_gate.domain import CredentialKind, FaceProbe, GateKind, TapInput, TapOutcome
 from services.fare_gate.fares import FareError
 from services.fare_gate.taps import TapService
 
@@ -43,10 +43,18 @@ def _time(message: object, field: str) -> datetime | None:
 
 def tap_input(request: fare_gate_pb2.TapRequest) -> TapInput:
     kind = request.credential.WhichOneof("kind") if request.HasField("credential") else None
+    credential = request.credential
+    face = None
+    if kind == "face_embedding":
+        face = FaceProbe(embedding=tuple(credential.face_embedding.values))
+    elif kind == "face_frames":
+        face = FaceProbe(frames=tuple(credential.face_frames.frames))
     return TapInput(
         tap_id=request.tap_id, gate_id=request.gate_id, stop_id=request.stop_id, direction=int(request.direction),
         tapped_at=_time(request, "tapped_at"), credential_kind=_CREDENTIAL_KINDS.get(kind) if kind else None,
-        card_uid=request.credential.card_uid if kind == "card_uid" else b"", route_id=request.route_id)
+        card_uid=credential.card_uid if kind == "card_uid" else b"", route_id=request.route_id,
+        phone_qr=credential.phone_qr if kind == "phone_qr" else b"",
+        nfc_token=credential.nfc_token if kind == "nfc_token" else "", face=face)
 
 
 def tap_response(outcome: TapOutcome) -> fare_gate_pb2.TapResponse:

@@ -36,6 +36,17 @@ def rider_categories(text: str) -> tuple[str, ...]:
     return names
 
 
+def ed25519_seed(text: str) -> SecretKey:
+    """A hex-encoded 32-byte Ed25519 seed (64 hex digits)."""
+    try:
+        seed = bytes.fromhex(text.strip())
+    except ValueError:
+        raise ValueError("expected 64 hex digits, for example the output of `openssl rand -hex 32`") from None
+    if len(seed) != 32:
+        raise ValueError(f"expected exactly 32 bytes (64 hex digits), got {len(seed)}")
+    return SecretKey(seed)
+
+
 def floor_minor(text: str) -> int:
     """The rider floor: 0, or a negative allowance in minor units such as -5000."""
     try:
@@ -98,3 +109,12 @@ class Settings(CommonSettings):
                                      doc="read timeout of one Stripe request, in milliseconds")
     stripe_max_network_retries: int = setting("CITYTAP_STRIPE_MAX_NETWORK_RETRIES", non_negative_int, default=2,
                                               doc="retries of a retryable Stripe failure (0-5)")
+    # Phones (see README.md "Phones"): unset seed means this wallet certifies no phones.
+    device_issuer_seed: SecretKey | None = setting(
+        "CITYTAP_WALLET_DEVICE_ISSUER_SEED", ed25519_seed, default=None,
+        doc="hex 32-byte seed of the Ed25519 issuer key that certifies phone keys; unset: no phone payment")
+    device_certificate_ttl_s: int = setting("CITYTAP_WALLET_DEVICE_CERTIFICATE_TTL_S", positive_int,
+                                            default=90 * 24 * 3600,
+                                            doc="how long a phone's device certificate is valid, in seconds")
+    devices_per_account_max: int = setting("CITYTAP_WALLET_DEVICES_PER_ACCOUNT_MAX", positive_int, default=5,
+                                           doc="most active phones one rider account may register")

@@ -31,10 +31,12 @@ from services.fare_gate.bootstrap import build as build_fare_gate
 from services.fare_gate.settings import Settings as FareGateSettings
 from services.wallet.bootstrap import build as build_wallet
 from services.wallet.deny_list import deny_list_key
+from services.wallet.devices import revocation_set_key
 from services.wallet.domain import AccountKind, BlockReason, CreateAccountRequest
 from services.wallet.settings import Settings as WalletSettings
 
 TEST_CARD_HASH_KEY = bytes(range(32))
+TEST_ISSUER_SEED = bytes(range(100, 132))
 ENTRY = fare_gate_pb2.TAP_DIRECTION_ENTRY
 EXIT = fare_gate_pb2.TAP_DIRECTION_EXIT
 VALIDATE = fare_gate_pb2.TAP_DIRECTION_VALIDATE
@@ -165,6 +167,7 @@ def open_fare_gate_stack(**fare_gate_env: str) -> FareGateStack:
     wallet_env = _env(CITYTAP_WALLET_SCHEMA=wallet_schema, CITYTAP_WALLET_WEBHOOK_LISTEN="127.0.0.1:0")
     wallet_env.setdefault("CITYTAP_WALLET_CARD_HASH_KEY", TEST_CARD_HASH_KEY.hex())
     wallet_env.setdefault("CITYTAP_STRIPE_WEBHOOK_SECRET", "whsec_fare_gate_tests_0123456789")
+    wallet_env.setdefault("CITYTAP_WALLET_DEVICE_ISSUER_SEED", TEST_ISSUER_SEED.hex())
     wallet_app = build_wallet(load(WalletSettings, wallet_env))
     wallet_app.server.start()
     wallet_app.start()
@@ -172,6 +175,7 @@ def open_fare_gate_stack(**fare_gate_env: str) -> FareGateStack:
     env = _env(CITYTAP_FARE_GATE_SCHEMA=fare_gate_schema,
                CITYTAP_WALLET_ADDRESS=f"127.0.0.1:{wallet_app.server.port}",
                CITYTAP_FARE_GATE_DENY_LIST_KEY=deny_list_key(wallet_schema),
+               CITYTAP_FARE_GATE_DEVICE_REVOCATIONS_KEY=revocation_set_key(wallet_schema),
                CITYTAP_FARE_GATE_TAP_AGE_S_MAX=str(TAP_AGE_S_MAX),
                CITYTAP_FARE_GATE_HOLD_GRACE_S=str(3 * 24 * 3600),
                # Generous on a shared, busy box: these tests are about decisions, not speed.

@@ -92,11 +92,11 @@ def test_the_ledger_rpcs_work_over_the_wire(world: dict[str, Any]) -> None:
     assert world["db"].invariant_violations() == []
 
 
-def test_device_registration_is_not_faked(world: dict[str, Any]) -> None:
-    # RegisterDevice arrives with the phone issue; until then it must say so, not pretend.
-    # (TopUp and RefundTopUp are live: see test_wallet_topups_flow.py.)
-    code, _ = rpc_error(world["stub"].RegisterDevice, W.RegisterDeviceRequest(device_id="d", account_id="rich"))
-    assert code == grpc.StatusCode.UNIMPLEMENTED
+def test_device_rpcs_say_so_until_their_service_is_attached(world: dict[str, Any]) -> None:
+    # This servicer has only a ledger: the phone RPCs (live, see test_wallet_devices.py) must
+    # say they cannot answer yet, not pretend.
+    assert rpc_error(world["stub"].RegisterDevice, W.RegisterDeviceRequest(device_id="d", account_id="rich")) == (
+        grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE")
 
 
 # --- bad input: precise status and reason, and nothing changes ----------------------------------

@@ -1,6 +1,7 @@
 """`python -m services.fare_gate.emulator`: a gate emulator a gate vendor can point at the fare API.
 
-    tap       --gate G --stop S --direction entry|exit|validate --card HEX [--tap-id ID] [--at ISO] [--route R]
+    tap       --gate G --stop S --direction entry|exit|validate (--card HEX | --phone-qr HEX|STATE.json | --nfc TOKEN)
+              [--tap-id ID] [--at ISO] [--route R]
     config    --gate G
     quote     --from S --to S [--at ISO] [--end-at ISO] [--category C] [--network N] [--route R] [--media M]
     scenario  FILE [--setup] [--fund MODULE:FACTORY] [--date YYYY-MM-DD|today] [--shift-to-now] [--pace-ms N]
@@ -37,7 +38,7 @@ from zoneinfo import ZoneInfo
 
 from google.protobuf.message import Message
 
-from citytap.common.v1 import money_pb2
+from citytap.common.v1 import credential_pb2, money_pb2
 from citytap.fare_gate.v1 import fare_gate_pb2
 from services.fare_gate.emulator import load as load_mode
 from services.fare_gate.emulator import play as play_mode
@@ -165,15 +166,48 @@ def _tap_dict(reply: TapReply, latency_ms: float, tap_id: str) -> dict[str, Any]
 # --- commands -------------------------------------------------------------------------------
 
 
-def cmd_tap(args: argparse.Namespace, out: Out) -> int:
+def phone_credential(args: argparse.Namespace) -> credential_pb2.Credential | None:
+    """The phone credential of `tap --phone-qr` or `tap --nfc`, or None for a card tap.
+
+    --phone-qr takes the hex payload `python -m phone_app qr` prints, or the path of a
+    phone_app state file (*.json), from which a fresh code is made for this very tap."""
+    if args.nfc is not None:
+        if not args.nfc:
+            raise UsageError("--nfc: the token is empty")
+        return credential_pb2.Credential(nfc_token=args.nfc)
+    if args.phone_qr is None:
+        return None
+    text = args.phone_qr.strip()
+    if text.endswith(".json"):
+        from phone_app.device import Phone, PhoneError  # only phone taps need the phone emulator
+
+        try:
+            return credential_pb2.Credential(phone_qr=Phone.load(Path(text)).qr_payload())
+        except PhoneError as exc:
+            raise UsageError(f"--phone-qr: {exc}") from None
     try:
-        card = parse_card_uid(args.card)
-    except ValueError as exc:
-        raise UsageError(f"--card: {exc}") from None
+        payload = bytes.fromhex(text)
+    except ValueError:
+        raise UsageError("--phone-qr: expected the payload in hex, or a phone_app state file (*.json)") from None
+    if not payload:
+        raise UsageError("--phone-qr: the payload is empty")
+    return credential_pb2.Credential(phone_qr=payload)
+
+
+def cmd_tap(args: argparse.Namespace, out: Out) -> int:
+    phone = phone_credential(args)
+    card = b""
+    if phone is None:
+        try:
+            card = parse_card_uid(args.card)
+        except ValueError as exc:
+            raise UsageError(f"--card: {exc}") from None
     at = parse_moment(args.at, "--at") if args.at else datetime.now(timezone.utc)
     tap_id = args.tap_id or str(uuid.uuid4())
     request = tap_request(tap_id=tap_id, gate_id=args.gate, stop_id=args.stop, direction=args.direction,
                           card_uid=card, tapped_at=at, route_id=args.route or "")
+    if phone is not None:
+        request.credential.CopyFrom(phone)
     with _client(args) as client:
         try:
             reply, latency_ms = client.tap(request)
@@ -467,7 +501,11 @@ def build_parser() -> argparse.ArgumentParser:
     tap.add_argument("--gate", required=True, help="gate id")
     tap.add_argument("--stop", required=True, help="GTFS stop_id of the gate")
     tap.add_argument("--direction", required=True, choices=("entry", "exit", "validate"))
-    tap.add_argument("--card", required=True, help="card UID in hex (4, 7 or 10 bytes), e.g. 04a1b2c3d4e5f6")
+    credential = tap.add_mutually_exclusive_group(required=True)
+    credential.add_argument("--card", help="card UID in hex (4, 7 or 10 bytes), e.g. 04a1b2c3d4e5f6")
+    credential.add_argument("--phone-qr", help="a phone QR payload in hex (`python -m phone_app qr`), or a phone_app "
+                                               "state file (*.json) to make a fresh code from")
+    credential.add_argument("--nfc", help="a phone's NFC token (`python -m phone_app nfc`)")
     tap.add_argument("--tap-id", help="tap id, a UUID; reuse one to send a retry (default: a fresh one)")
     tap.add_argument("--at", help="tap time, ISO 8601 with a UTC offset (default: now)")
     tap.add_argument("--route", help="route_id, for validate taps on board")
