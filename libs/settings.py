@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -169,3 +170,22 @@ def log_level(text: str) -> str:
     if upper not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ValueError("expected DEBUG, INFO, WARNING or ERROR")
     return upper
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def repo_path(*, suffixes: tuple[str, ...] = ()) -> Callable[[str], Path]:
+    """Parser: a file or folder that must exist; relative paths are taken from the repository root."""
+
+    def parse(text: str) -> Path:
+        path = Path(text.strip()).expanduser()
+        if not path.is_absolute():
+            path = REPO_ROOT / path
+        if not path.exists():
+            raise ValueError(f"{path} does not exist")
+        if suffixes and path.is_file() and path.suffix.lower() not in suffixes:
+            raise ValueError(f"expected a folder or a {' or '.join(suffixes)} file")
+        return path
+
+    return parse

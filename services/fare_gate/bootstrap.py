@@ -13,9 +13,15 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
+from citytap.settlement.v1 import settlement_pb2
+from libs import errors
+from libs.contract_cache import ContractCache
 from libs.grpc_client import connect
 from libs.service import BaseApp, open_redis, open_standard, retry_until_ready
+from services.fare_gate.credentials import CredentialConfig, CredentialResolver, IssuerKeys, PhoneState
+from services.fare_gate.face_client import FaceClient
 from services.fare_gate.fare_events import TOPIC
+from services.fare_gate.fare_split import FareSplitter
 from services.fare_gate.fares import FareEngine, FeedError
 from services.fare_gate.gates import GatesError, load_gates
 from services.fare_gate.hot_state import HotState
@@ -30,6 +36,8 @@ log = logging.getLogger("citytap.fare_gate")
 
 # The most journeys one pass of the incomplete-journey worker closes.
 INCOMPLETE_BATCH_MAX = 100
+CONTRACT_FETCH_TIMEOUT_S = 2.0  # one ListContracts page, off the tap path
+CONTRACT_REFRESH_S_MIN = 1.0
 
 
 class StartError(RuntimeError):
@@ -64,6 +72,60 @@ def tap_config(settings: Settings) -> TapConfig:
         account_lock_timeout_ms=settings.account_lock_timeout_ms)
 
 
+def credential_resolver(app: BaseApp, settings: Settings, *, key: bytes, hot_state: HotState,
+                        wallet: WalletClient) -> CredentialResolver:
+    """Cards, phones (issuer keys from the wallet, nonces and revocations in Redis) and faces."""
+    phone = PhoneState(open_redis(app, settings.redis_url), cache_ttl_s=settings.credential_cache_ttl_s,
+                       revocations_key=settings.device_revocations_key)
+    issuers = IssuerKeys(lambda: wallet.issuer_keys(timeout_s=2.0), refresh_s=settings.issuer_keys_refresh_s)
+    try:
+        log.info("issuer keys read", extra={"fields": {"keys": len(issuers.trusted())}})  # not on the first tap
+    except errors.Unavailable:
+        log.warning("issuer keys not read yet; the first phone tap will ask the wallet again")
+    face = None
+    if settings.face_address is not None:
+        channel = connect(settings.face_address, default_timeout_s=settings.face_timeout_ms / 1000)
+        app.on_close(channel.close)
+        face = FaceClient(channel, timeout_s=settings.face_timeout_ms / 1000)
+    config = CredentialConfig(qr_validity_s=settings.qr_validity_s, qr_clock_skew_s=settings.qr_clock_skew_s,
+                              face_limit_minor=settings.face_limit_minor,
+                              issuer_keys_refresh_s=settings.issuer_keys_refresh_s)
+    return CredentialResolver(key=key, hot_state=hot_state, wallet=wallet, phone=phone, issuers=issuers, face=face,
+                              config=config)
+
+
+def fare_splitter(app: BaseApp, settings: Settings, *, wallet: WalletClient, currency: str) -> FareSplitter | None:
+    """Fare splits under the settlement service's transit-fare contracts (fare_split.py), with
+    a worker keeping the contract list fresh off the tap path; None without a settlement
+    address (fares are then posted unsplit)."""
+    if settings.settlement_address is None:
+        log.warning("CITYTAP_SETTLEMENT_ADDRESS is unset: fares are posted unsplit")
+        return None
+    for account_id in (settings.city_account_id, settings.platform_account_id):
+        account = retry_until_ready(f"the wallet's account {account_id}", lambda a=account_id: wallet.account(a, timeout_s=2.0))
+        if account.currency != currency:
+            raise StartError(f"the account {account_id} holds {account.currency} but the feed prices in {currency}")
+    channel = connect(settings.settlement_address, default_timeout_s=CONTRACT_FETCH_TIMEOUT_S)
+    app.on_close(channel.close)
+    cache = ContractCache(channel, revenue_kind=settlement_pb2.REVENUE_KIND_TRANSIT_FARE, currency=currency,
+                          timeout_s=CONTRACT_FETCH_TIMEOUT_S, ttl_s=settings.contract_cache_ttl_s)
+    interval_s = max(settings.contract_cache_ttl_s / 2, CONTRACT_REFRESH_S_MIN)
+
+    def refresh_contracts(stop: threading.Event) -> None:
+        while True:
+            try:
+                cache.versions(refresh=True)
+            except errors.CityTapError as exc:
+                log.warning("fare split contracts not refreshed", extra={"fields": {"reason": exc.reason}})
+            if stop.wait(interval_s):
+                return
+
+    app.add_worker(refresh_contracts)
+    return FareSplitter(cache.cached, operator_id=settings.operator_id, currency=currency,
+                        revenue_account_id=settings.revenue_account_id,
+                        party_accounts={"CITY": settings.city_account_id, "PLATFORM": settings.platform_account_id})
+
+
 def build(settings: Settings, *, clock: Callable[[], datetime] = utc_now) -> BaseApp:
     """Connect to every dependency (waiting a bounded time for each), then return the app."""
     engine, gates = load_fares(settings)
@@ -84,8 +146,11 @@ def build(settings: Settings, *, clock: Callable[[], datetime] = utc_now) -> Bas
                          f"in {engine.feed.currency}")
     repository = Repository(pool, schema=settings.schema)
     key = bytes(settings.credential_key) if settings.credential_key is not None else repository.credential_key()
+    credentials = credential_resolver(app, settings, key=key, hot_state=hot_state, wallet=wallet)
+    splitter = fare_splitter(app, settings, wallet=wallet, currency=engine.feed.currency)
     service = TapService(engine=engine, gates=gates, repository=repository, wallet=wallet, hot_state=hot_state,
-                         credential_key=key, config=tap_config(settings), clock=clock)
+                         credential_key=key, config=tap_config(settings), clock=clock, credentials=credentials,
+                         splitter=splitter)
     for network in {g.network_id for g in gates.values()}:
         if service.incomplete_after_s(network) + settings.hold_grace_s > WALLET_HOLD_TTL_S_MAX:
             raise StartError(f"holds on {network} would outlive the wallet's longest hold: lower "

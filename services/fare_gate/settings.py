@@ -12,8 +12,9 @@ import dataclasses
 import re
 from pathlib import Path
 
+from libs.contract_cache import cache_ttl_s
 from libs.service import CommonSettings
-from libs.settings import (SecretKey, SettingsError, hex_key, host_port, non_negative_int, positive_int,
+from libs.settings import (SecretKey, SettingsError, hex_key, host_port, non_negative_int, positive_int, repo_path,
                            schema_name, setting, url)
 
 # The repository root: relative paths in settings are taken from here, never from the
@@ -28,22 +29,6 @@ WALLET_TIMEOUT_MS_MAX = 10_000
 
 _WALLET_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _FARE_MEDIA_ID = re.compile(r"^[A-Za-z0-9._:-]{0,64}$")
-
-
-def repo_path(*, suffixes: tuple[str, ...] = ()) -> object:
-    """A file or folder that must exist; relative paths are taken from the repository root."""
-
-    def parse(text: str) -> Path:
-        path = Path(text.strip()).expanduser()
-        if not path.is_absolute():
-            path = REPO_ROOT / path
-        if not path.exists():
-            raise ValueError(f"{path} does not exist")
-        if suffixes and path.is_file() and path.suffix.lower() not in suffixes:
-            raise ValueError(f"expected a folder or a {' or '.join(suffixes)} file")
-        return path
-
-    return parse
 
 
 def wallet_account_id(text: str) -> str:
@@ -85,6 +70,20 @@ class Settings(CommonSettings):
     revenue_account_id: str = setting("CITYTAP_FARE_GATE_REVENUE_ACCOUNT", wallet_account_id,
                                       default="system:operator-revenue:TWD",
                                       doc="wallet account every fare is paid to (and held for)")
+    city_account_id: str = setting("CITYTAP_FARE_GATE_CITY_ACCOUNT", wallet_account_id,
+                                   default="system:city-revenue:TWD",
+                                   doc="wallet account the city's share of each fare is moved to")
+    platform_account_id: str = setting("CITYTAP_FARE_GATE_PLATFORM_ACCOUNT", wallet_account_id,
+                                       default="system:platform-fees:TWD",
+                                       doc="wallet account the platform's share of each fare is moved to")
+    operator_id: str = setting("CITYTAP_FARE_GATE_OPERATOR_ID", wallet_account_id, default="demo-city-transit",
+                               doc="the transit operator's party id: the scope of its fare split contract")
+    settlement_address: str | None = setting("CITYTAP_SETTLEMENT_ADDRESS", host_port, default=None,
+                                             doc="host:port of the settlement service, which keeps the fare split "
+                                                 "contracts; unset: fares are posted unsplit")
+    contract_cache_ttl_s: int = setting("CITYTAP_FARE_GATE_CONTRACT_CACHE_TTL_S", cache_ttl_s, default=30,
+                                        doc="how long fetched split contracts are reused, in seconds (0-300); a "
+                                            "worker refreshes them at half that interval")
     card_fare_media_id: str = setting("CITYTAP_FARE_GATE_CARD_FARE_MEDIA", fare_media_id, default="card",
                                       doc="GTFS-Fares fare_media_id card taps are priced with; none: no media")
     wallet_timeout_ms: int = setting("CITYTAP_FARE_GATE_WALLET_TIMEOUT_MS", positive_int, default=200,
@@ -123,6 +122,23 @@ class Settings(CommonSettings):
                                                   default=300, doc="GateConfig: how often a gate asks for a bundle")
     gate_offline_upload_batch_max: int = setting("CITYTAP_FARE_GATE_GATE_OFFLINE_UPLOAD_BATCH_MAX", positive_int,
                                                  default=500, doc="GateConfig: most taps per UploadOfflineTaps call")
+    # Phone and face credentials (README.md "Phone and face taps").
+    qr_validity_s: int = setting("CITYTAP_FARE_GATE_QR_VALIDITY_S", positive_int, default=30,
+                                 doc="how old a phone QR code may be, in seconds (at most 30)")
+    qr_clock_skew_s: int = setting("CITYTAP_FARE_GATE_QR_CLOCK_SKEW_S", non_negative_int, default=5,
+                                   doc="clock difference allowed between a phone and the gate, in seconds")
+    device_revocations_key: str = setting(
+        "CITYTAP_FARE_GATE_DEVICE_REVOCATIONS_KEY", redis_key, default="citytap:wallet:device-revocations",
+        doc="Redis set the wallet publishes revoked phone keys in (a wallet on a scratch schema uses "
+            "citytap:wallet:device-revocations:<schema>)")
+    issuer_keys_refresh_s: int = setting("CITYTAP_FARE_GATE_ISSUER_KEYS_REFRESH_S", positive_int, default=300,
+                                         doc="how often the wallet's issuer public keys are read again")
+    face_address: str | None = setting("CITYTAP_FACE_ADDRESS", host_port, default=None,
+                                       doc="host:port of the face service; unset: face taps are refused")
+    face_timeout_ms: int = setting("CITYTAP_FARE_GATE_FACE_TIMEOUT_MS", positive_int, default=1000,
+                                   doc="deadline of one face Match call (liveness and matching of a frame burst)")
+    face_limit_minor: int = setting("CITYTAP_FARE_GATE_FACE_LIMIT_MINOR", non_negative_int, default=10_000,
+                                    doc="most a face match alone may hold or charge for one journey (NT$100)")
 
     def __post_init__(self) -> None:
         problems = []
@@ -141,5 +157,7 @@ class Settings(CommonSettings):
                 or self.gate_offline_upload_batch_max > 2**31 - 1 or self.double_tap_window_s > 2**31 - 1 \
                 or self.passback_window_s > 2**31 - 1:
             problems.append("the GateConfig settings must fit in a 32-bit integer")
+        if self.qr_validity_s > 30:
+            problems.append("CITYTAP_FARE_GATE_QR_VALIDITY_S must be at most 30: phone codes are short-lived")
         if problems:
             raise SettingsError(problems)

@@ -3,9 +3,11 @@
 One tap, in order (README.md "The tap path" has the reasoning):
 
 1. validate the request (domain.validate_tap); a malformed tap changes nothing;
-2. resolve the card: Redis cache, else the wallet's ResolveCredential (then cached);
-   an unknown card is recorded as denied, with no lock and no wallet write (a retry
-   finds that record and gets the same answer);
+2. resolve the credential (credentials.py: a card through the Redis cache, else the
+   wallet's ResolveCredential; a phone QR code verified offline, its nonce accepted once;
+   an NFC token or a face); an unknown credential is recorded as denied, with no lock and
+   no wallet write (a retry finds that record and gets the same answer), and a refused
+   phone or face credential raises its reason before anything is recorded;
 3. in one PostgreSQL transaction holding the account's advisory lock:
    a. read, in one round trip, the tap id (a retry returns its recorded answer, or
       IDEMPOTENCY_CONFLICT for another payload), the last opening of this card at this
@@ -35,6 +37,7 @@ from libs import errors
 from services.fare_gate import fare_events
 from services.fare_gate.domain import (
     Catalogue,
+    CredentialKind,
     Decision,
     Direction,
     Gate,
@@ -46,7 +49,6 @@ from services.fare_gate.domain import (
     TapInput,
     TapOutcome,
     Verdict,
-    credential_hash,
     hold_expiry,
     hold_id_for,
     journey_id_for,
@@ -55,6 +57,8 @@ from services.fare_gate.domain import (
     tap_fingerprint,
     validate_tap,
 )
+from services.fare_gate.credentials import CredentialResolver
+from services.fare_gate.fare_split import FarePlan, FareSplitter
 from services.fare_gate.fares import FareEngine, FareError, Leg, RiderFareState
 from services.fare_gate.hot_state import HotState
 from services.fare_gate.repository import AccountTx, Repository, Snapshot
@@ -107,7 +111,8 @@ class TapService:
 
     def __init__(self, *, engine: FareEngine, gates: dict[str, Gate], repository: Repository, wallet: WalletClient,
                  hot_state: HotState, credential_key: bytes, config: TapConfig,
-                 clock: Callable[[], datetime] = utc_now) -> None:
+                 clock: Callable[[], datetime] = utc_now, credentials: CredentialResolver | None = None,
+                 splitter: FareSplitter | None = None) -> None:
         self.engine = engine
         self.gates = gates
         self.config = config
@@ -116,6 +121,9 @@ class TapService:
         self._hot = hot_state
         self._key = credential_key
         self._clock = clock
+        self._splitter = splitter
+        # Without a resolver of its own the service takes cards only (unit tests build it so).
+        self._credentials = credentials or CredentialResolver(key=credential_key, hot_state=hot_state, wallet=wallet)
         feed = engine.feed
         self.currency = feed.currency
         self.catalogue = Catalogue(frozenset(feed.stops), {rid: r.network_id for rid, r in feed.routes.items()})
@@ -137,11 +145,10 @@ class TapService:
         config = self.config
         tap = validate_tap(raw, self.gates, self.catalogue, now=now, tap_age_s_max=config.tap_age_s_max,
                            clock_skew_s_max=config.clock_skew_s_max)
-        card = credential_hash(self._key, tap.card_uid)
-        fingerprint = tap_fingerprint(tap, card)
         # A retry needs no look-up of its own: it resolves to the same account (from the
         # cache, usually) and finds its recorded answer under that account's lock.
-        rider = self._resolve(card, tap.card_uid)
+        card, rider = self._resolve(tap, now)
+        fingerprint = tap_fingerprint(tap, card)
         if rider is None:
             outcome = TapOutcome(Decision.DENY, Reason.DENIED_UNKNOWN_CREDENTIAL, currency=self.currency)
             raced = self._repo.record_unmatched_tap(tap, card, fingerprint, outcome,
@@ -157,16 +164,18 @@ class TapService:
             tx.enqueue(fare_events.tap_recorded(tap, outcome, rider.account_id, now))
         return outcome
 
-    def _resolve(self, card: bytes, card_uid: bytes) -> Rider | None:
-        cached = self._hot.cached_account(card)
-        if cached is not None:
-            account_id, category = cached
-            return Rider(account_id, category, self._hot.account_denied(account_id))
-        resolution = self._wallet.resolve_card(card_uid)
-        if resolution is None:
-            return None
-        self._hot.cache_account(card, resolution.account_id, resolution.rider_category)
-        return Rider(resolution.account_id, resolution.rider_category, resolution.blocked)
+    def _resolve(self, tap: Tap, now: datetime) -> tuple[bytes, Rider | None]:
+        """The credential's pseudonym and rider (credentials.py); a face-only entry whose
+        maximum fare is above the face limit is refused here, before anything is recorded."""
+        resolved = self._credentials.resolve(tap, now)
+        if resolved.account_id is None:
+            return resolved.credential_hash, None
+        rider = Rider(resolved.account_id, resolved.rider_category, resolved.blocked)
+        if tap.credential_kind is CredentialKind.FACE and tap.direction is not Direction.EXIT:
+            category = self._category(rider.rider_category)
+            max_fare = self.engine.max_fare(tap.network_id, category, self.config.fare_media_id).amount_minor
+            self._credentials.check_face_limit(tap, max_fare)
+        return resolved.credential_hash, rider
 
     def _decide(self, tx: AccountTx, tap: Tap, rider: Rider, snapshot: Snapshot, now: datetime) -> TapOutcome:
         config = self.config
@@ -219,6 +228,20 @@ class TapService:
             raise errors.Conflict("IDEMPOTENCY_CONFLICT", "this tap id is already in use by another tap") from refusal
         raise refusal
 
+    @property
+    def splitter(self) -> FareSplitter | None:
+        return self._splitter
+
+    def _plan(self, transfer_id: str, amount_minor: int, moment: datetime, *, refund: bool = False) -> FarePlan | None:
+        """The fare's split and share moves, or None (no splitter configured, or no contract)."""
+        if self._splitter is None:
+            return None
+        return self._splitter.plan(transfer_id, amount_minor, moment, refund=refund)
+
+    def _available(self, account_id: str, reported: int | None) -> int:
+        """The rider's available balance: as the wallet's write reported it, else asked for."""
+        return reported if reported is not None else self._wallet.available_minor(account_id)
+
     # --- entry ------------------------------------------------------------------------------
 
     def _enter(self, tx: AccountTx, tap: Tap, rider: Rider, now: datetime) -> TapOutcome:
@@ -244,7 +267,7 @@ class TapService:
             # longer than a tap may be retried, so this is a bug or a clock jump.
             raise errors.FailedPrecondition("INVALID_STATE", f"the entry hold {hold.hold_id} is no longer pending",
                                             hold_id=hold.hold_id)
-        balance = self._wallet.available_minor(rider.account_id)
+        balance = self._available(rider.account_id, hold.debit_available_minor)
         tx.insert_journey(journey)
         tx.enqueue(fare_events.journey_started(journey, now))
         return TapOutcome(Decision.OPEN, Reason.OK, 0, held, balance, journey.journey_id, self.currency)
@@ -261,9 +284,10 @@ class TapService:
                          exit_tap_id=tap.tap_id, exit_gate_id=tap.gate_id, exit_stop_id=tap.stop_id,
                          ended_at=ended_at, note=charge.note)
         assert journey.hold_id is not None
+        available: int | None = None
         try:
-            end, charged = self._settle_hold(journey, end, refund_id=hold_id_for(tap.tap_id),
-                                             last_transfer_id=last_transfer_id)
+            end, charged, available = self._settle_hold(journey, end, refund_id=hold_id_for(tap.tap_id),
+                                                        last_transfer_id=last_transfer_id)
         except WalletRefusal as refusal:
             if refusal.reason not in HOLD_GONE:
                 raise
@@ -273,7 +297,7 @@ class TapService:
             end = replace(end, status=JourneyStatus.UNRESOLVED, fare_minor=0, transfer_id="",
                           note=f"hold not settled: wallet said {refusal.reason}")
             charged, charge = 0, replace(charge, state=state)
-        balance = self._wallet.available_minor(journey.account_id)
+        balance = self._available(journey.account_id, available)
         tx.close_journey(journey.journey_id, end)
         tx.save_fare_state(journey.account_id, charge.state, feed_version=self.engine.feed.version,
                            last_transfer_id=end.transfer_id if end.fare_minor > 0 else last_transfer_id)
@@ -282,9 +306,10 @@ class TapService:
         return TapOutcome(Decision.OPEN, Reason.OK, charged, 0, balance, journey.journey_id, self.currency)
 
     def _settle_hold(self, journey: Journey, end: JourneyEnd, *, refund_id: str, last_transfer_id: str | None
-                     ) -> tuple[JourneyEnd, int]:
+                     ) -> tuple[JourneyEnd, int, int | None]:
         """Post the hold for a positive fare (at most what it holds), void it for zero, void
-        it and refund for a negative one. Returns the end as settled and what was charged."""
+        it and refund for a negative one. Returns the end as settled, what was charged, and
+        the rider's available balance as the wallet reported it (None if it did not)."""
         assert journey.hold_id is not None
         amount = end.fare_minor
         if amount > journey.amount_held_minor:
@@ -293,19 +318,23 @@ class TapService:
             end = replace(end, fare_minor=journey.amount_held_minor,
                           note=f"fare {amount} above the hold {journey.amount_held_minor}; uncollected difference")
             amount = journey.amount_held_minor
+        # The moment the fare happened, the same on every retry, picks the split contract.
+        moment = end.ended_at or journey.incomplete_due_at or journey.started_at
         if amount > 0:
-            self._wallet.post_hold(hold_id=journey.hold_id, amount_minor=amount, currency=self.currency)
-            return replace(end, transfer_id=journey.hold_id), amount
+            posted = self._wallet.post_hold(hold_id=journey.hold_id, amount_minor=amount, currency=self.currency,
+                                            plan=self._plan(journey.hold_id, amount, moment))
+            return replace(end, transfer_id=journey.hold_id), amount, posted.debit_available_minor
         # Voided, or expired on its own: either way nothing was taken. A posted hold is
         # refused by the wallet (INVALID_STATE).
-        self._wallet.void_hold(hold_id=journey.hold_id)
+        voided = self._wallet.void_hold(hold_id=journey.hold_id)
         if amount == 0:
-            return end, 0
+            return end, 0, voided.debit_available_minor
         refund = self._wallet.transfer(
             transfer_id=refund_id, debit_account_id=self.config.revenue_account_id,
             credit_account_id=journey.account_id, amount_minor=-amount, currency=self.currency,
-            reference=journey.journey_id, corrects_transfer_id=last_transfer_id or "")
-        return replace(end, transfer_id=refund), 0
+            reference=journey.journey_id, corrects_transfer_id=last_transfer_id or "",
+            plan=self._plan(refund_id, -amount, moment, refund=True))
+        return replace(end, transfer_id=refund.transfer_id), 0, refund.rider_available_minor.get(journey.account_id)
 
     # --- validate on board ------------------------------------------------------------------
 
@@ -326,18 +355,24 @@ class TapService:
             hold_id=None, amount_held_minor=0, incomplete_due_at=None)
         transfer_id = hold_id_for(tap.tap_id)
         amount = charge.amount_minor
+        available: int | None = None
         try:
             if amount > 0:
-                self._wallet.transfer(transfer_id=transfer_id, debit_account_id=rider.account_id,
-                                      credit_account_id=config.revenue_account_id, amount_minor=amount,
-                                      currency=self.currency, reference=journey.journey_id)
+                posted = self._wallet.transfer(transfer_id=transfer_id, debit_account_id=rider.account_id,
+                                               credit_account_id=config.revenue_account_id, amount_minor=amount,
+                                               currency=self.currency, reference=journey.journey_id,
+                                               plan=self._plan(transfer_id, amount, tap.tapped_at))
+                available = posted.rider_available_minor.get(rider.account_id)
             elif amount < 0:
-                self._wallet.transfer(transfer_id=transfer_id, debit_account_id=config.revenue_account_id,
-                                      credit_account_id=rider.account_id, amount_minor=-amount, currency=self.currency,
-                                      reference=journey.journey_id, corrects_transfer_id=last_transfer_id or "")
+                posted = self._wallet.transfer(
+                    transfer_id=transfer_id, debit_account_id=config.revenue_account_id,
+                    credit_account_id=rider.account_id, amount_minor=-amount, currency=self.currency,
+                    reference=journey.journey_id, corrects_transfer_id=last_transfer_id or "",
+                    plan=self._plan(transfer_id, -amount, tap.tapped_at, refund=True))
+                available = posted.rider_available_minor.get(rider.account_id)
         except WalletRefusal as refusal:
             return self._denial_for(refusal, rider.account_id)
-        balance = self._wallet.available_minor(rider.account_id)
+        balance = self._available(rider.account_id, available)
         end = JourneyEnd(JourneyStatus.COMPLETED, now, amount, transfer_id if amount else "", charge.fare_product_id,
                          ended_at=tap.tapped_at)
         tx.insert_journey(journey, end)
@@ -372,7 +407,7 @@ class TapService:
         charge = self._price(state, leg, journey.rider_category, fallback_minor=journey.amount_held_minor)
         end = JourneyEnd(JourneyStatus.INCOMPLETE, now, charge.amount_minor, "", None, note=charge.note or note)
         try:
-            end, _ = self._settle_hold(journey, end, refund_id="", last_transfer_id=None)
+            end, _, _ = self._settle_hold(journey, end, refund_id="", last_transfer_id=None)
         except WalletRefusal as refusal:
             if refusal.reason not in HOLD_GONE:
                 raise

@@ -37,7 +37,7 @@ from services.fare_gate.fares.testing import write_feed
 from services.fare_gate.hot_state import HotState
 from services.fare_gate.repository import Snapshot
 from services.fare_gate.taps import TapConfig, TapService
-from services.fare_gate.wallet_client import HoldState, Resolution, WalletRefusal
+from services.fare_gate.wallet_client import HoldState, PostedTransfer, Resolution, WalletRefusal
 
 NOW = datetime(2030, 3, 4, 1, 0, tzinfo=timezone.utc)
 REVENUE = "system:operator-revenue:TWD"
@@ -99,9 +99,10 @@ class FakeWallet:
             self.holds[hold_id] = {"payload": payload, "debit": debit_account_id, "credit": credit_account_id,
                                    "amount": amount_minor, "status": "PENDING", "posted": 0}
         hold = self.holds[hold_id]
-        return HoldState(hold_id, 1 if hold["status"] == "PENDING" else 2, hold["amount"], hold["posted"])
+        return HoldState(hold_id, 1 if hold["status"] == "PENDING" else 2, hold["amount"], hold["posted"],
+                         self.available_minor(debit_account_id))
 
-    def post_hold(self, *, hold_id: str, amount_minor: int, currency: str) -> HoldState:
+    def post_hold(self, *, hold_id: str, amount_minor: int, currency: str, plan: object = None) -> HoldState:
         self._maybe_refuse("post_hold")
         hold = self.holds[hold_id]
         if hold["status"] == "POSTED":
@@ -113,7 +114,7 @@ class FakeWallet:
             assert amount_minor <= hold["amount"]
             hold.update(status="POSTED", posted=amount_minor)
             self._move(hold_id, hold["debit"], hold["credit"], amount_minor)
-        return HoldState(hold_id, 2, hold["amount"], amount_minor)
+        return HoldState(hold_id, 2, hold["amount"], amount_minor, self.available_minor(hold["debit"]))
 
     def void_hold(self, *, hold_id: str) -> HoldState:
         self._maybe_refuse("void_hold")
@@ -121,19 +122,21 @@ class FakeWallet:
         if hold["status"] == "POSTED":
             raise refusal("INVALID_STATE")
         hold["status"] = "VOIDED"
-        return HoldState(hold_id, 3, hold["amount"], 0)
+        return HoldState(hold_id, 3, hold["amount"], 0, self.available_minor(hold["debit"]))
 
     def transfer(self, *, transfer_id: str, debit_account_id: str, credit_account_id: str, amount_minor: int,
-                 currency: str, reference: str, corrects_transfer_id: str = "") -> str:
+                 currency: str, reference: str, corrects_transfer_id: str = "",
+                 plan: object = None) -> PostedTransfer:
         self._maybe_refuse("transfer")
         if transfer_id in self.transfers:
             if self.transfers[transfer_id] != (debit_account_id, credit_account_id, amount_minor):
                 raise refusal("IDEMPOTENCY_CONFLICT")
-            return transfer_id
-        if debit_account_id != REVENUE and self.available_minor(debit_account_id) < amount_minor:
+        elif debit_account_id != REVENUE and self.available_minor(debit_account_id) < amount_minor:
             raise refusal("INSUFFICIENT_FUNDS")
-        self._move(transfer_id, debit_account_id, credit_account_id, amount_minor)
-        return transfer_id
+        else:
+            self._move(transfer_id, debit_account_id, credit_account_id, amount_minor)
+        riders = [a for a in (debit_account_id, credit_account_id) if a != REVENUE]
+        return PostedTransfer(transfer_id, {a: self.available_minor(a) for a in riders})
 
     def _move(self, transfer_id: str, debit: str, credit: str, amount: int) -> None:
         self.transfers[transfer_id] = (debit, credit, amount)
