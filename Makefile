@@ -5,7 +5,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 PY := .venv/bin/python
 
-.PHONY: help bootstrap provision proto proto-check up down status demo test test-unit reset bench-transfers bench-taps
+.PHONY: help bootstrap provision proto proto-check up down status demo test test-unit reset bench-transfers bench-taps bench-settlement bench-face
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -53,3 +53,11 @@ bench-taps: up ## Tap latency at 200 taps/s and the highest sustained rate, open
 
 bench-transfers: up ## Benchmark posted transfers/s through the wallet's gRPC API against pgbench (dev stack).
 	@source infra/env.sh && $(PY) -m loadtests.wallet_transfers
+
+bench-settlement: up ## Close a service day of 1M transactions (lines loaded in bulk) and print the time and rate.
+	@source infra/env.sh && $(PY) -m loadtests.settlement_close
+
+bench-face: bootstrap ## 1:N face match p50/p99 and recall@1 over 100k and 1M templates, and the face tap (BENCH_QUICK=1: 100k only).
+	@bash infra/components.sh up
+	@bash scripts/fetch_test_data.sh
+	@source infra/env.sh && $(PY) -m loadtests.face_match

@@ -100,8 +100,21 @@ _citytap_env_main() {
   # A real deployment sets its own from its secret store.
   _d CITYTAP_WALLET_CARD_HASH_KEY 636974797461702d6465762d636172642d686173682d6b65792d6e6f742d736563726574
   _d CITYTAP_STRIPE_WEBHOOK_SECRET whsec_citytap_dev_not_a_secret_0123456789
+  _d CITYTAP_FACE_TEMPLATE_KEY 636974797461702d6465762d666163652d74656d706c6174652d6b65792d3031
+  _d CITYTAP_WALLET_DEVICE_ISSUER_SEED 636974797461702d6465762d6465766963652d6973737565722d736565643031
   _d CITYTAP_WALLET_WEBHOOK_PORT $((50062 + off))
   _d CITYTAP_WALLET_WEBHOOK_LISTEN "127.0.0.1:$CITYTAP_WALLET_WEBHOOK_PORT"
+  _d CITYTAP_MERCHANT_WEBHOOK_SECRET whsec_citytap_merchant_dev_not_a_secret_0123
+  _d CITYTAP_MERCHANT_WEBHOOK_PORT $((50063 + off))
+  _d CITYTAP_MERCHANT_WEBHOOK_LISTEN "127.0.0.1:$CITYTAP_MERCHANT_WEBHOOK_PORT"
+  # Split contracts take effect 20 s after they are made on local stacks (production keeps the
+  # settlement default of an hour), so the demo city can make its contracts and go on; the
+  # services' contract caches live for less than that lead time, as they must.
+  _d CITYTAP_SETTLEMENT_CONTRACT_LEAD_TIME_S 20
+  # The demo city's initial contracts (go-live terms), recorded when settlement first starts.
+  _d CITYTAP_SETTLEMENT_INITIAL_CONTRACTS "$CITYTAP_ROOT/infra/demo_city/contracts.json"
+  _d CITYTAP_FARE_GATE_CONTRACT_CACHE_TTL_S 10
+  _d CITYTAP_MERCHANT_CONTRACT_CACHE_TTL_S 10
   _d CITYTAP_FARE_GATE_ADDRESS "127.0.0.1:$CITYTAP_FARE_GATE_PORT"
   _d CITYTAP_WALLET_ADDRESS "127.0.0.1:$CITYTAP_WALLET_PORT"
   _d CITYTAP_FACE_ADDRESS "127.0.0.1:$CITYTAP_FACE_PORT"

@@ -8,7 +8,10 @@ PYTHON_BIN="${PYTHON_BIN:-python3.11}"
 command -v "$PYTHON_BIN" >/dev/null 2>&1 || PYTHON_BIN=python3
 VENV=.venv
 MARKER="$VENV/.citytap-installed"
-WANT="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+# face_recognition asks for "dlib" by name, which would compile dlib from source; it is
+# installed without dependencies (its real ones are in pyproject.toml, dlib as dlib-bin).
+FACE_RECOGNITION_PIN="face_recognition==1.3.0"
+WANT="$( { cat pyproject.toml; echo "$FACE_RECOGNITION_PIN"; } | sha256sum | cut -d' ' -f1)"
 
 if [[ ! -x "$VENV/bin/python" ]]; then
   echo "[bootstrap] creating virtual environment $VENV with $("$PYTHON_BIN" --version)"
@@ -24,6 +27,12 @@ LOG=.local/pip-install.log
 if ! "$VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar off -e ".[dev]" >"$LOG" 2>&1; then
   tail -30 "$LOG" >&2
   echo "[bootstrap] pip install failed; full log in $LOG" >&2
+  exit 1
+fi
+if ! "$VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar off --no-deps \
+    "$FACE_RECOGNITION_PIN" >>"$LOG" 2>&1; then
+  tail -30 "$LOG" >&2
+  echo "[bootstrap] pip install of $FACE_RECOGNITION_PIN failed; full log in $LOG" >&2
   exit 1
 fi
 # Put the repo root (services, libs, loadtests) and gen/ (the generated `citytap` package)

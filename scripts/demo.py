@@ -8,10 +8,17 @@
    gate emulator plays services/fare_gate/emulator/scenarios/morning.json against the real
    fare gate and wallet): distance fares, a metro-to-bus transfer discount, the daily cap,
    a retry, a double tap, passback, an empty wallet and an exit without entry.
-4. The ledger adds up: what the riders were charged is what the operator's revenue account
-   received, and the sum over every wallet account is zero.
-
-Later issues add phone and face riders, merchants and the settlement day.
+   Every fare is split at the moment it is charged under the transit-fare contract
+   (scripts/demo_contracts.py makes the demo city's contracts once per stack and waits for
+   them to take effect).
+4. The ledger adds up: what the riders were charged is what the operator's revenue, the
+   city's revenue and the platform's fees received between them, and the sum over every
+   wallet account is zero.
+5. A phone rider pays by signed QR code at the gates (scripts/demo_phone.py), and a face rider
+   enrols with consent and is matched (scripts/demo_face.py).
+6. A shop joins through Stripe Connect and a rider buys by card (scripts/demo_merchant.py).
+7. The day is closed, each party's report printed, and reconciliation ends with zero
+   differences (scripts/demo_settlement.py).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from pathlib import Path
 import psycopg
 
 from citytap.common.v1 import diagnostics_pb2
+from citytap.settlement.v1 import settlement_pb2_grpc
 from citytap.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from libs import outbox
 from libs.events import ConsumerLoop, Publisher, ensure_topics
@@ -35,13 +43,15 @@ from libs.grpc_client import connect
 from libs.grpc_health_probe import check
 from libs.outbox import OutboxRelay
 from libs.postgres import PostgresInbox, create_pool
+from scripts import demo_contracts, demo_face, demo_merchant, demo_phone, demo_settlement
 
 SERVICES = ["fare_gate", "wallet", "face", "merchant", "settlement"]
 TOPIC = "citytap.diagnostics.v1.events"
 SCHEMA = "demo"
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIO = ROOT / "services" / "fare_gate" / "emulator" / "scenarios" / "morning.json"
-OPERATOR_REVENUE = "system:operator-revenue:TWD"
+FARE_ACCOUNTS = {"operator revenue": "system:operator-revenue:TWD", "city revenue (its share)": "system:city-revenue:TWD",
+                 "platform fees (its share)": "system:platform-fees:TWD"}
 
 
 def step(text: str) -> None:
@@ -111,21 +121,39 @@ def main() -> int:
         return 1
     print(f"  relayed to Kafka topic    {TOPIC} ({relayed} outbox row(s) published)")
     print(f"  consumed and recorded     message={row[0]!r} in {elapsed_ms:.0f} ms (includes joining a new group)")
+    step("the demo city's split contracts (settlement)")
+    settlement = settlement_pb2_grpc.SettlementServiceStub(connect(env["CITYTAP_SETTLEMENT_ADDRESS"],
+                                                                   default_timeout_s=10))
+    # After a new contract takes effect, the fare gate's worker may take half its cache TTL to read it.
+    settle_s = int(env.get("CITYTAP_FARE_GATE_CONTRACT_CACHE_TTL_S", "30")) / 2 + 1
+    demo_contracts.merchant_payments(settlement)
+    demo_contracts.transit_fares(settlement, settle_s=settle_s)
     if not morning_in_the_city(env):
         return 1
-    print("\ndemo: every service is SERVING, the event made the round trip through the real broker,")
-    print("      the riders' journeys were priced and charged, and the ledger adds up.")
+    try:
+        demo_phone.run(env)
+        demo_face.run(env)
+        demo_merchant.run(env)
+        demo_settlement.run(env)
+    except RuntimeError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 1
+    print("\ndemo: every service is SERVING, the event made the round trip through the real broker, the")
+    print("      riders' journeys were priced, charged and split, phone and face riders paid, a shop joined")
+    print("      and sold, the ledger adds up, and the day closed and reconciled with zero differences.")
     return 0
 
 
-def operator_revenue(stub: wallet_pb2_grpc.WalletServiceStub) -> int:
-    return stub.GetBalance(wallet_pb2.GetBalanceRequest(account_id=OPERATOR_REVENUE)).balance.amount_minor
+def fare_accounts(stub: wallet_pb2_grpc.WalletServiceStub) -> dict[str, int]:
+    """The balances of the accounts fares end up in: operator revenue, city revenue, platform fees."""
+    return {name: stub.GetBalance(wallet_pb2.GetBalanceRequest(account_id=account_id)).balance.amount_minor
+            for name, account_id in FARE_ACCOUNTS.items()}
 
 
 def morning_in_the_city(env: os._Environ[str]) -> bool:
     step("a morning in the demo city: card riders at metro gates and bus validators")
     wallet = wallet_pb2_grpc.WalletServiceStub(connect(env["CITYTAP_WALLET_ADDRESS"], default_timeout_s=5))
-    revenue_before = operator_revenue(wallet)
+    before = fare_accounts(wallet)
     with tempfile.TemporaryDirectory() as scratch:
         results_path = Path(scratch) / "morning.json"
         played = subprocess.run(
@@ -141,18 +169,20 @@ def morning_in_the_city(env: os._Environ[str]) -> bool:
         answer = tap.get("answer") or {}
         charged.setdefault(answer.get("tap_id", tap["tap_id"]), answer.get("fare_minor", 0))
     fares_minor = sum(charged.values())
-    revenue_gain = operator_revenue(wallet) - revenue_before
+    after = fare_accounts(wallet)
+    gains = {name: after[name] - before[name] for name in FARE_ACCOUNTS}
 
     step("the ledger adds up")
     print(f"  fares charged at the gates           TWD {fares_minor / 100:>10.2f}")
-    print(f"  operator revenue account received    TWD {revenue_gain / 100:>10.2f}")
+    for name, gain in gains.items():
+        print(f"  {name + ' received':<36} TWD {gain / 100:>10.2f}")
     with psycopg.connect(env["CITYTAP_POSTGRES_DSN"], connect_timeout=5) as conn:
         sums = conn.execute("SELECT currency, sum(balance_minor)::bigint, count(*) FROM wallet.accounts"
                             " GROUP BY currency").fetchall()
     for currency, total, accounts in sums:
         print(f"  sum over all {accounts} wallet accounts ({currency})  {total:>10d} minor units")
     balanced = all(total == 0 for _, total, _ in sums)
-    if fares_minor != revenue_gain or not balanced:
+    if fares_minor != sum(gains.values()) or not balanced:
         print("demo: the ledger does not add up", file=sys.stderr)
         return False
     return True

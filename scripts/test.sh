@@ -12,6 +12,7 @@ export CITYTAP_STATE_DIR="${CITYTAP_TEST_STATE_DIR:-$PWD/.local/test-stack}"
 source infra/env.sh
 
 bash scripts/bootstrap.sh
+bash scripts/fetch_test_data.sh
 echo "[test] checking generated code is fresh"
 bash scripts/check_proto.sh
 

@@ -10,7 +10,9 @@ from datetime import datetime
 from pathlib import Path
 
 from libs.service import BaseApp, open_redis, open_standard
+from services.wallet.exports import LedgerExports
 from services.wallet.deny_list import RedisDenyList, deny_list_key
+from services.wallet.devices import wire_devices
 from services.wallet.ledger import Ledger, LedgerConfig, utc_now
 from services.wallet.servicer import WalletServicer, registration
 from services.wallet.settings import Settings
@@ -47,9 +49,13 @@ def build(settings: Settings, *, clock: Callable[[], datetime] = utc_now) -> Bas
     ledger.ensure_system_accounts()
     ledger.rebuild_deny_list()
     servicer.attach(ledger)
+    servicer.attach_exports(LedgerExports(pool, schema=schema))
     top_ups = wire_top_ups(app, ledger, settings, clock=clock)
     servicer.attach_top_ups(top_ups)
     app.top_ups = top_ups  # type: ignore[attr-defined]
+    devices = wire_devices(app, pool, redis, settings, clock=clock)
+    servicer.attach_devices(devices)
+    app.devices = devices  # type: ignore[attr-defined]
     sweeper = Sweeper(ledger, interval_s=settings.hold_sweep_interval_ms / 1000,
                       deny_list_rebuild_interval_s=settings.deny_list_rebuild_interval_s)
     app.add_worker(sweeper.run)

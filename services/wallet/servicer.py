@@ -2,25 +2,29 @@
 
 Errors are raised as `libs.errors` exceptions and mapped to status codes by the interceptor
 of `libs.grpc_server`. TopUp and RefundTopUp come from the `TopUpRpcs` mixin (see
-topups.py). RegisterDevice is not overridden: the generated base class answers
-UNIMPLEMENTED until the phone issue lands.
+topups.py); the phone RPCs (RegisterDevice, RotateDevice, RevokeDevice, ListIssuerKeys,
+ResolveDevice) from the `DeviceRpcs` mixin (see devices.py).
 """
 
 from __future__ import annotations
 
 import grpc
 
+from citytap.common.v1 import money_pb2
 from citytap.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from libs import errors
 from libs.grpc_server import Registration
 from services.wallet import convert
+from services.wallet.domain import AccountKind, TransferRequest, check_independent_batch
+from services.wallet.devices import DeviceRpcs
+from services.wallet.exports import ExportRpcs
 from services.wallet.ledger import Ledger
 from services.wallet.topups import TopUpRpcs
 
 SERVICE_NAME = "citytap.wallet.v1.WalletService"
 
 
-class WalletServicer(TopUpRpcs, wallet_pb2_grpc.WalletServiceServicer):
+class WalletServicer(TopUpRpcs, DeviceRpcs, ExportRpcs, wallet_pb2_grpc.WalletServiceServicer):
     """Thin adapter over `Ledger`; `attach` gives it the ledger once the pool is open."""
 
     def __init__(self, ledger: Ledger | None = None) -> None:
@@ -93,19 +97,46 @@ class WalletServicer(TopUpRpcs, wallet_pb2_grpc.WalletServiceServicer):
 
     def CreateHold(self, request: wallet_pb2.CreateHoldRequest, context: grpc.ServicerContext) -> wallet_pb2.CreateHoldResponse:
         hold = self.ledger.create_hold(convert.hold_request(request))
-        return wallet_pb2.CreateHoldResponse(hold=convert.hold_to_proto(hold))
+        return wallet_pb2.CreateHoldResponse(hold=convert.hold_to_proto(hold),
+                                             debit_available=self._available_of(hold.debit_account_id))
 
     def PostHold(self, request: wallet_pb2.PostHoldRequest, context: grpc.ServicerContext) -> wallet_pb2.PostHoldResponse:
-        hold, transfer = self.ledger.post_hold(convert.post_request(request))
-        return wallet_pb2.PostHoldResponse(hold=convert.hold_to_proto(hold), transfer=convert.transfer_to_proto(transfer))
+        hold, transfer, linked = self.ledger.post_hold_linked(convert.post_request(request))
+        return wallet_pb2.PostHoldResponse(hold=convert.hold_to_proto(hold), transfer=convert.transfer_to_proto(transfer),
+                                           linked_transfers=[convert.transfer_to_proto(t) for t in linked],
+                                           debit_available=self._available_of(hold.debit_account_id))
 
     def VoidHold(self, request: wallet_pb2.VoidHoldRequest, context: grpc.ServicerContext) -> wallet_pb2.VoidHoldResponse:
-        return wallet_pb2.VoidHoldResponse(hold=convert.hold_to_proto(self.ledger.void_hold(request.hold_id)))
+        hold = self.ledger.void_hold(request.hold_id)
+        return wallet_pb2.VoidHoldResponse(hold=convert.hold_to_proto(hold),
+                                           debit_available=self._available_of(hold.debit_account_id))
 
     def CreateTransfers(self, request: wallet_pb2.CreateTransfersRequest, context: grpc.ServicerContext) -> wallet_pb2.CreateTransfersResponse:
         requests = [convert.transfer_request(t, index) for index, t in enumerate(request.transfers)]
         transfers = self.ledger.create_transfers(requests)
-        return wallet_pb2.CreateTransfersResponse(transfers=[convert.transfer_to_proto(t) for t in transfers])
+        accounts = self.ledger.available({a for t in transfers for a in (t.debit_account_id, t.credit_account_id)})
+        return wallet_pb2.CreateTransfersResponse(
+            transfers=[convert.transfer_to_proto(t) for t in transfers],
+            rider_available={a.account_id: convert.money(a.available_minor, a.currency) for a in accounts.values()
+                             if a.kind is AccountKind.RIDER_WALLET})
+
+    def _available_of(self, account_id: str) -> money_pb2.Money | None:
+        account = self.ledger.available([account_id]).get(account_id)
+        return None if account is None else convert.money(account.available_minor, account.currency)
+
+    def PostTransferBatch(self, request: wallet_pb2.PostTransferBatchRequest,
+                          context: grpc.ServicerContext) -> wallet_pb2.PostTransferBatchResponse:
+        check_independent_batch([t.transfer_id for t in request.transfers])
+        parsed: list[TransferRequest | errors.CityTapError] = []
+        for index, message in enumerate(request.transfers):
+            try:
+                parsed.append(convert.transfer_request(message, index))
+            except errors.CityTapError as exc:  # a malformed transfer fails alone, like any other
+                parsed.append(exc)
+        requests = [p for p in parsed if isinstance(p, TransferRequest)]
+        results = iter(self.ledger.post_transfer_batch(requests) if requests else ())
+        return wallet_pb2.PostTransferBatchResponse(outcomes=[
+            convert.transfer_outcome(p if isinstance(p, errors.CityTapError) else next(results)) for p in parsed])
 
     def ListHistory(self, request: wallet_pb2.ListHistoryRequest, context: grpc.ServicerContext) -> wallet_pb2.ListHistoryResponse:
         entries, token = self.ledger.list_history(
