@@ -9,9 +9,12 @@ scripts/demo.py; on its own: `source infra/env.sh && python scripts/demo_face.py
    template;
 3. at a gate camera, a burst of four 640x480 frames of the rider blinking (built from
    another photo, obama3.jpg, by loadtests/face_bursts.py) is matched to the rider;
-4. the same burst with one frame replayed four times (a photo held up to the camera) is
+4. the rider pays by face at the metro gates: a wallet account under the same id, funded as
+   a top-up would, taps in and out with the live burst through the real fare gate (which
+   asks the face service to check liveness and match), and the fare is charged;
+5. the same burst with one frame replayed four times (a photo held up to the camera) is
    refused by the liveness check;
-5. unless `keep_enrolled`, the rider's face is deleted and no longer matches.
+6. unless `keep_enrolled`, the rider's face is deleted and no longer matches.
 
 The photos come from scripts/fetch_test_data.sh, which this runs first. It raises
 RuntimeError with the reason when something does not go as shown.
@@ -24,6 +27,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Mapping
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import grpc
@@ -88,6 +92,7 @@ def run(env: Mapping[str, str], *, account_id: str | None = None, keep_enrolled:
         margin = "no other rider enrolled" if matched.margin >= 2 else f"margin {matched.margin:.3f}"
         print(f"  4 gate frames (a blink, from obama3.jpg)  MATCHED {rider}: distance {matched.distance:.3f}, "
               f"{margin}, {took_ms:.0f} ms")
+        _pay_at_the_gates(env, rider, live)
         replay = face.Match(face_pb2.MatchRequest(frames=credential_pb2.FaceFrames(frames=still), purpose=TRANSIT,
                                                   reference_id=f"{rider}-tap-2"))
         if replay.outcome != face_pb2.MATCH_OUTCOME_LIVENESS_FAILED:
@@ -102,6 +107,55 @@ def run(env: Mapping[str, str], *, account_id: str | None = None, keep_enrolled:
             print("  face deleted on request; the same burst   NO_MATCH")
     finally:
         channel.close()
+
+
+FUND_MINOR = 20_000  # NT$200
+ENTRY_GATE, EXIT_GATE = "HBR-G1", "UNI-G2"  # Harbour to University, 8.0 km: NT$25
+
+
+def _pay_at_the_gates(env: Mapping[str, str], rider: str, frames: list[bytes]) -> None:
+    """The enrolled rider taps in and out by face; the fare gate matches each burst."""
+    from citytap.fare_gate.v1 import fare_gate_pb2, fare_gate_pb2_grpc
+    from citytap.wallet.v1 import wallet_pb2, wallet_pb2_grpc
+    from loadtests.taps import LedgerFunder  # credits as a succeeded top-up does
+
+    wallet_channel = connect(env["CITYTAP_WALLET_ADDRESS"], default_timeout_s=5)
+    gate_channel = connect(env["CITYTAP_FARE_GATE_ADDRESS"], default_timeout_s=20)
+    try:
+        wallet = wallet_pb2_grpc.WalletServiceStub(wallet_channel)
+        wallet.CreateAccount(wallet_pb2.CreateAccountRequest(account_id=rider))
+        funder = LedgerFunder(dict(env), pool_size=1)
+        try:
+            funder(rider, FUND_MINOR, f"fund-{rider}")
+        finally:
+            funder.close()
+        gate = fare_gate_pb2_grpc.FareGateServiceStub(gate_channel)
+        now = datetime.now(timezone.utc)
+        answers = []
+        for gate_id, direction, at in ((ENTRY_GATE, fare_gate_pb2.TAP_DIRECTION_ENTRY, now - timedelta(minutes=20)),
+                                       (EXIT_GATE, fare_gate_pb2.TAP_DIRECTION_EXIT, now)):
+            request = fare_gate_pb2.TapRequest(tap_id=str(uuid.uuid4()), gate_id=gate_id, direction=direction,
+                                               credential=credential_pb2.Credential(
+                                                   face_frames=credential_pb2.FaceFrames(frames=frames)))
+            request.tapped_at.FromDatetime(at)
+            started = time.perf_counter()
+            answer = gate.Tap(request)
+            took_ms = (time.perf_counter() - started) * 1000
+            answers.append(answer)
+            what = (f"held TWD {answer.amount_held.amount_minor / 100:.2f}" if direction == fare_gate_pb2.TAP_DIRECTION_ENTRY
+                    else f"fare TWD {answer.fare_charged.amount_minor / 100:.2f}")
+            print(f"  face tap at {gate_id:<7} {fare_gate_pb2.TapDecision.Name(answer.decision).removeprefix('TAP_DECISION_'):<5}"
+                  f" {what}  ({took_ms:.0f} ms: liveness and match of 4 frames, then the fare)")
+        if any(a.decision != fare_gate_pb2.TAP_DECISION_OPEN for a in answers):
+            raise RuntimeError(f"the face rider was refused at the gate: {answers}")
+        balance = wallet.GetBalance(wallet_pb2.GetBalanceRequest(account_id=rider)).balance.amount_minor
+        if balance != FUND_MINOR - answers[1].fare_charged.amount_minor:
+            raise RuntimeError(f"the face rider's balance is {balance}, expected {FUND_MINOR} less the fare")
+        print(f"  balance TWD {balance / 100:.2f} = TWD {FUND_MINOR / 100:.2f} funded - "
+              f"TWD {answers[1].fare_charged.amount_minor / 100:.2f} fare, paid by face")
+    finally:
+        wallet_channel.close()
+        gate_channel.close()
 
 
 if __name__ == "__main__":
