@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Mapping
+from datetime import time as datetime_time
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -189,3 +190,25 @@ def repo_path(*, suffixes: tuple[str, ...] = ()) -> Callable[[str], Path]:
         return path
 
     return parse
+
+
+_HH_MM = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
+
+
+def timezone_name(text: str) -> str:
+    """Parser: an IANA time zone name, such as Asia/Taipei."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(text.strip())
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError("expected an IANA time zone name such as Asia/Taipei") from None
+    return text.strip()
+
+
+def clock_time(text: str) -> datetime_time:
+    """Parser: a local time of day, HH:MM, such as 04:30 (when a service day starts)."""
+    match = _HH_MM.match(text.strip())
+    if not match:
+        raise ValueError("expected HH:MM, for example 04:30")
+    return datetime_time(int(match.group(1)), int(match.group(2)))

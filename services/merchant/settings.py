@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 from datetime import time
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from libs.contract_cache import cache_ttl_s
 from libs.money import check_currency
 from libs.service import CommonSettings
-from libs.settings import SecretKey, host_port, non_negative_int, positive_int, schema_name, setting, url
+from libs.settings import (clock_time, host_port, non_negative_int, positive_int, schema_name, SecretKey, setting,
+                           timezone_name, url)
 
-_HH_MM = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
 # Stripe signing secrets are "whsec_" and a few dozen characters; anything much shorter is a typo.
 WEBHOOK_SECRET_CHARS_MIN = 16
 
@@ -20,23 +18,6 @@ WEBHOOK_SECRET_CHARS_MIN = 16
 def currency_code(text: str) -> str:
     """An upper-case ISO 4217 alphabetic code (libs.money's rule; MoneyError is a ValueError)."""
     return check_currency(text.strip())
-
-
-def timezone_name(text: str) -> str:
-    """An IANA time zone name, such as Asia/Taipei."""
-    try:
-        ZoneInfo(text.strip())
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError("expected an IANA time zone name such as Asia/Taipei") from None
-    return text.strip()
-
-
-def clock_time(text: str) -> time:
-    """A local time of day, HH:MM."""
-    match = _HH_MM.match(text.strip())
-    if not match:
-        raise ValueError("expected HH:MM, for example 04:30")
-    return time(int(match.group(1)), int(match.group(2)))
 
 
 def webhook_secret(text: str) -> SecretKey:

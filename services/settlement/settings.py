@@ -6,33 +6,15 @@ import dataclasses
 import re
 from pathlib import Path
 from datetime import time
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from libs.money import check_currency
 from libs.service import CommonSettings
-from libs.settings import host_port, non_negative_int, positive_int, repo_path, schema_name, setting, url
+from libs.settings import (clock_time as local_time, host_port, non_negative_int, positive_int, repo_path,
+                           schema_name, setting, timezone_name, url)
 
-_HH_MM = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
 _PARTY_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _STRIPE_ACCOUNT = re.compile(r"^acct_[A-Za-z0-9]{1,64}$")
 PARTY_ACCOUNTS_MAX = 256
-
-
-def timezone_name(text: str) -> str:
-    """An IANA time zone name such as Asia/Taipei."""
-    try:
-        ZoneInfo(text.strip())
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError("expected an IANA time zone name such as Asia/Taipei") from None
-    return text.strip()
-
-
-def local_time(text: str) -> time:
-    """A local time HH:MM, such as 04:30."""
-    match = _HH_MM.match(text.strip())
-    if not match:
-        raise ValueError("expected HH:MM, for example 04:30")
-    return time(int(match.group(1)), int(match.group(2)))
 
 
 def party_id(text: str) -> str:

@@ -9,8 +9,9 @@ from datetime import time
 
 from libs.money import check_currency
 from libs.service import CommonSettings
-from libs.settings import SecretKey, hex_key, host_port, non_negative_int, positive_int, schema_name, setting, url
-from services.wallet.topups import WebhookSecret, service_day_start, timezone_name, webhook_secret
+from libs.settings import (SecretKey, clock_time, hex_key, host_port, non_negative_int, positive_int, schema_name, setting,
+                           timezone_name, url)
+from services.wallet.topups import WebhookSecret, webhook_secret
 
 _CATEGORY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 RIDER_CATEGORIES_MAX = 32
@@ -103,7 +104,7 @@ class Settings(CommonSettings):
                                           doc="how often the auto-reload worker runs a pass, in seconds")
     service_day_timezone: str = setting("CITYTAP_WALLET_SERVICE_DAY_TIMEZONE", timezone_name, default="Asia/Taipei",
                                         doc="IANA time zone of the service day")
-    service_day_start: time = setting("CITYTAP_WALLET_SERVICE_DAY_START", service_day_start, default=time(4, 30),
+    service_day_start: time = setting("CITYTAP_WALLET_SERVICE_DAY_START", clock_time, default=time(4, 30),
                                       doc="local time a service day starts, HH:MM")
     stripe_timeout_ms: int = setting("CITYTAP_STRIPE_TIMEOUT_MS", positive_int, default=10_000,
                                      doc="read timeout of one Stripe request, in milliseconds")

@@ -38,7 +38,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from typing import Any, TypeVar
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 import grpc
 import psycopg
@@ -105,7 +105,6 @@ WORKER_BACKOFF_S_MAX = 60.0
 
 _CUSTOMER_ID = re.compile(r"^cus_[A-Za-z0-9_]{1,200}$")
 _PAYMENT_METHOD_ID = re.compile(r"^(pm|card|src)_[A-Za-z0-9_]{1,200}$")
-_HH_MM = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
 
 
 # --- configuration ----------------------------------------------------------------------
@@ -188,23 +187,6 @@ def webhook_secret(text: str) -> WebhookSecret:
     if not value.startswith("whsec_") or len(value) < 16:
         raise ValueError("expected the endpoint's signing secret, whsec_ followed by at least 10 characters")
     return WebhookSecret(value)
-
-
-def timezone_name(text: str) -> str:
-    """An IANA time zone name such as Asia/Taipei."""
-    try:
-        ZoneInfo(text.strip())
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError("expected an IANA time zone name such as Asia/Taipei") from None
-    return text.strip()
-
-
-def service_day_start(text: str) -> time:
-    """A local time HH:MM at which a service day starts, such as 04:30."""
-    match = _HH_MM.match(text.strip())
-    if not match:
-        raise ValueError("expected HH:MM, for example 04:30")
-    return time(int(match.group(1)), int(match.group(2)))
 
 
 def service_day(moment: datetime, zone: ZoneInfo, start: time) -> date:
@@ -1404,6 +1386,6 @@ def wire_top_ups(app: Any, ledger: Ledger, settings: Any, *, clock: Callable[[],
 __all__ = [
     "AutoReload", "MaintenanceReport", "TopUp", "TopUpConfig", "TopUpRefund", "TopUpRpcs", "TopUps", "TopUpStatus",
     "auto_reload_top_up_id", "credit_transfer_id", "refund_to_proto", "refund_top_up_rpc", "service_day",
-    "service_day_start", "timezone_name", "top_up_config", "top_up_rpc", "top_up_to_proto", "webhook_secret",
+    "top_up_config", "top_up_rpc", "top_up_to_proto", "webhook_secret",
     "wire_top_ups",
 ]

@@ -29,6 +29,8 @@ from services.wallet.stripe_gateway import (
     from_stripe_amount,
     to_stripe_amount,
 )
+from libs.settings import clock_time as service_day_start
+from libs.settings import timezone_name
 from services.wallet.topups import (
     CLIENT_ID_CHARS_MAX,
     TopUp,
@@ -41,8 +43,6 @@ from services.wallet.topups import (
     refund_transfer_id,
     reversal_transfer_id,
     service_day,
-    service_day_start,
-    timezone_name,
     top_up_config,
     top_up_to_proto,
     webhook_secret,
