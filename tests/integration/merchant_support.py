@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -51,7 +50,7 @@ from libs import device_credentials as dc
 from libs.splits import Term
 from services.wallet.deny_list import MemoryDenyList
 from services.wallet.devices import DeviceConfig, Devices
-from tests.integration.wallet_support import WalletDb, open_wallet_db
+from tests.integration.wallet_support import FakeClock, WalletDb, open_wallet_db
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTLEMENT_MIGRATIONS = ROOT / "services" / "settlement" / "migrations"
@@ -65,25 +64,8 @@ CATEGORY = "5814"
 CITY_BP, PLATFORM_BP, PLATFORM_FEE_MINOR = 250, 150, 100
 
 
-class Clock:
+class Clock(FakeClock):
     """A clock tests set or move; shared by the wallet, settlement and merchant."""
-
-    def __init__(self, start: datetime = START) -> None:
-        self._now = start
-        self._lock = threading.Lock()
-
-    def __call__(self) -> datetime:
-        with self._lock:
-            return self._now
-
-    def set(self, moment: datetime) -> None:
-        with self._lock:
-            self._now = moment
-
-    def advance(self, seconds: float) -> datetime:
-        with self._lock:
-            self._now += timedelta(seconds=seconds)
-            return self._now
 
 
 def card_credential(uid: bytes) -> credential_pb2.Credential:

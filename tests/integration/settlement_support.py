@@ -8,11 +8,10 @@ Test modules import the fixtures they use from here.
 from __future__ import annotations
 
 import os
-import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -24,30 +23,17 @@ from libs.grpc_client import connect
 from libs.settings import load
 from services.settlement.bootstrap import build
 from services.settlement.settings import Settings
+from tests.integration.wallet_support import FakeClock as WalletFakeClock
 
 # 2030-01-01 12:00 Asia/Taipei: the middle of service day 2030-01-01.
 START = datetime(2030, 1, 1, 4, 0, tzinfo=timezone.utc)
 
 
-class FakeClock:
-    """A clock tests move by hand; thread-safe."""
+class FakeClock(WalletFakeClock):
+    """A clock tests set or move by hand, starting at this module's START."""
 
     def __init__(self, start: datetime = START) -> None:
-        self._now = start
-        self._lock = threading.Lock()
-
-    def __call__(self) -> datetime:
-        with self._lock:
-            return self._now
-
-    def set(self, moment: datetime) -> None:
-        with self._lock:
-            self._now = moment
-
-    def advance(self, seconds: float) -> datetime:
-        with self._lock:
-            self._now += timedelta(seconds=seconds)
-            return self._now
+        super().__init__(start)
 
 
 def settlement_settings(schema: str, tmp_path: Path, **overrides: str) -> Settings:

@@ -38,7 +38,7 @@ TEST_CARD_HASH_KEY = bytes(range(32))
 
 
 class FakeClock:
-    """A clock tests move by hand; thread-safe so concurrent tests can share it."""
+    """A clock tests set or move by hand; thread-safe so concurrent tests (and services) can share it."""
 
     def __init__(self, start: datetime = START) -> None:
         self._now = start
@@ -47,6 +47,10 @@ class FakeClock:
     def __call__(self) -> datetime:
         with self._lock:
             return self._now
+
+    def set(self, moment: datetime) -> None:
+        with self._lock:
+            self._now = moment
 
     def advance(self, seconds: float) -> datetime:
         with self._lock:
