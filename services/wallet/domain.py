@@ -722,10 +722,13 @@ class Book:
         return debit.balance, credit.balance
 
     def reserve(self, request: HoldRequest) -> None:
-        """Place a hold: reserve the amount on the debit side, announce it on the credit side."""
+        """Place a hold: reserve the amount on the debit side, announce it on the credit side.
+        System accounts keep no pending sums (see migration 080), like the database."""
         debit, credit = self._pair(request.debit_account_id, request.credit_account_id, request.currency, None)
-        debit.pending_debits += request.amount_minor
-        credit.pending_credits += request.amount_minor
+        if not is_system_account(debit.account.account_id):
+            debit.pending_debits += request.amount_minor
+        if not is_system_account(credit.account.account_id):
+            credit.pending_credits += request.amount_minor
         self._check_fits(debit, credit, index=None)
         self._check_floor(debit, None)
         self._check_stored_value(credit, None)
@@ -734,8 +737,10 @@ class Book:
         """Release a pending hold's reservation (void, expiry, or the first half of a post)."""
         debit = self._positions[hold.debit_account_id]
         credit = self._positions[hold.credit_account_id]
-        debit.pending_debits -= hold.amount_minor
-        credit.pending_credits -= hold.amount_minor
+        if not is_system_account(hold.debit_account_id):
+            debit.pending_debits -= hold.amount_minor
+        if not is_system_account(hold.credit_account_id):
+            credit.pending_credits -= hold.amount_minor
         if debit.pending_debits < 0 or credit.pending_credits < 0:
             raise AssertionError(f"releasing hold {hold.hold_id} would make a pending sum negative")
 

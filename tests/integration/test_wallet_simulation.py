@@ -39,6 +39,7 @@ from services.wallet.domain import (
     SplitLine,
     TransferKind,
     TransferRequest,
+    is_system_account,
 )
 from services.wallet.ledger import LAZY_EXPIRY_MAX, Ledger
 from tests.integration.wallet_support import WalletDb, env_int, open_wallet_db
@@ -136,8 +137,11 @@ class Tx:
         self.events += 1
 
     def release(self, hold: MHold) -> None:
-        self.account(hold.request.debit_account_id).pending_debits -= hold.request.amount_minor
-        self.account(hold.request.credit_account_id).pending_credits -= hold.request.amount_minor
+        # System accounts keep no pending sums (wallet migration 080); riders and merchants do.
+        if not is_system_account(hold.request.debit_account_id):
+            self.account(hold.request.debit_account_id).pending_debits -= hold.request.amount_minor
+        if not is_system_account(hold.request.credit_account_id):
+            self.account(hold.request.credit_account_id).pending_credits -= hold.request.amount_minor
 
     def pair(self, debit_id: str, credit_id: str) -> tuple[MAccount, MAccount]:
         for account_id in (debit_id, credit_id):
@@ -315,7 +319,8 @@ class Simulation:
             tx.expire_due({rider, credit}, self.now(), LAZY_EXPIRY_MAX)
             debit, credit_account = tx.pair(rider, credit)
             debit.pending_debits += amount
-            credit_account.pending_credits += amount
+            if not is_system_account(credit):
+                credit_account.pending_credits += amount
             tx.check_floor(debit)
             tx.check_stored_value(credit_account)
             tx.holds[hold_id] = MHold(request, expires_at)
