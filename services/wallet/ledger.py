@@ -514,11 +514,12 @@ class Ledger:
                         raise errors.InvalidArgument("INVALID_ARGUMENT", f"the credited account must be a {credit_kind.name}",
                                                      field="credit_account_id", index=str(index))
             self._check_corrections(conn, requests)
-            # The event first, the balance-moving insert last: see _as_posted.
+            # The event first, the balance-moving insert last, in one round trip: see _as_posted.
             key = event_account_key([(accounts[r.debit_account_id], accounts[r.credit_account_id]) for r in requests])
-            self._emit(conn, key, now, transfer_posted=events_pb2.TransferPosted(
-                transfers=[convert.transfer_to_proto(_as_posted(r, h, now)) for r, h in zip(requests, hashes)]))
-            transfers = self._repo.insert_transfers(conn, requests, hashes, now)
+            with conn.pipeline():
+                self._emit(conn, key, now, transfer_posted=events_pb2.TransferPosted(
+                    transfers=[convert.transfer_to_proto(_as_posted(r, h, now)) for r, h in zip(requests, hashes)]))
+                transfers = self._repo.insert_transfers(conn, requests, hashes, now)
             _assert_balances(transfers, planned)
             return transfers
 
@@ -590,13 +591,15 @@ class Ledger:
                 posted.append(i)
                 corrected.add(request.transfer_id)  # a later transfer of the batch may correct this one
             if posted:
-                for i in posted:  # one event per transfer, before the balance-moving insert
-                    request = requests[i]
-                    key = event_account_key([(accounts[request.debit_account_id], accounts[request.credit_account_id])])
-                    self._emit(conn, key, now, transfer_posted=events_pb2.TransferPosted(
-                        transfers=[convert.transfer_to_proto(_as_posted(request, hashes[i], now))]))
-                transfers = self._repo.insert_transfers(conn, [requests[i] for i in posted], [hashes[i] for i in posted],
-                                                        now)
+                with conn.pipeline():  # the events, then the balance-moving insert: one round trip
+                    for i in posted:
+                        request = requests[i]
+                        key = event_account_key([(accounts[request.debit_account_id],
+                                                  accounts[request.credit_account_id])])
+                        self._emit(conn, key, now, transfer_posted=events_pb2.TransferPosted(
+                            transfers=[convert.transfer_to_proto(_as_posted(request, hashes[i], now))]))
+                    transfers = self._repo.insert_transfers(conn, [requests[i] for i in posted],
+                                                            [hashes[i] for i in posted], now)
                 _assert_balances(transfers, planned)
                 for i, transfer in zip(posted, transfers, strict=True):
                     result[i] = transfer
@@ -659,12 +662,13 @@ class Ledger:
                           currency=request.currency, kind=request.kind, reference=request.reference,
                           created_at=now, expires_at=expires_at, request_hash=fingerprint)
             key = event_account_key([(accounts[placed.debit_account_id], accounts[placed.credit_account_id])])
-            self._emit(conn, key, now, hold_placed=events_pb2.HoldPlaced(hold=convert.hold_to_proto(placed)))
-            hold = self._repo.insert_hold(  # last: its trigger takes the credited system account's row lock
-                conn, hold_id=request.hold_id, debit_account_id=request.debit_account_id,
-                credit_account_id=request.credit_account_id, amount_minor=request.amount_minor,
-                currency=request.currency, kind=request.kind, reference=request.reference, request_hash=fingerprint,
-                created_at=now, expires_at=expires_at)
+            with conn.pipeline():  # the event and the hold in one round trip
+                self._emit(conn, key, now, hold_placed=events_pb2.HoldPlaced(hold=convert.hold_to_proto(placed)))
+                hold = self._repo.insert_hold(
+                    conn, hold_id=request.hold_id, debit_account_id=request.debit_account_id,
+                    credit_account_id=request.credit_account_id, amount_minor=request.amount_minor,
+                    currency=request.currency, kind=request.kind, reference=request.reference, request_hash=fingerprint,
+                    created_at=now, expires_at=expires_at)
             assert hold == placed
             return hold
 
@@ -741,16 +745,21 @@ class Ledger:
             posted = replace(hold, status=HoldStatus.POSTED, posted_amount_minor=amount, transfer_id=hold.hold_id,
                              resolved_at=now, resolution_hash=fingerprint)
             key = event_account_key([(accounts[hold.debit_account_id], accounts[hold.credit_account_id])])
-            self._emit(conn, key, now, hold_posted=events_pb2.HoldPosted(
-                hold=convert.hold_to_proto(posted),
-                transfer=convert.transfer_to_proto(_as_posted(transfer_request, fingerprint, now, hold_id=hold.hold_id)),
-                linked_transfers=[convert.transfer_to_proto(_as_posted(t, h, now))
-                                  for t, h in zip(request.linked, linked_hashes)]))
-            # Last, the statements whose triggers take the system accounts' row locks.
-            self._repo.insert_resolution(conn, hold.hold_id, HoldStatus.POSTED, now, posted_amount_minor=amount,
-                                         transfer_id=hold.hold_id, request_hash=fingerprint)
-            [transfer] = self._repo.insert_transfers(conn, [transfer_request], [fingerprint], now, hold_id=hold.hold_id)
-            linked = self._repo.insert_transfers(conn, request.linked, linked_hashes, now) if request.linked else []
+            # The event, the resolution, the transfer and its linked ones go in one round trip;
+            # the transfers' triggers take the system accounts' row locks, held from there to
+            # the commit, one more round trip later.
+            with conn.pipeline():
+                self._emit(conn, key, now, hold_posted=events_pb2.HoldPosted(
+                    hold=convert.hold_to_proto(posted),
+                    transfer=convert.transfer_to_proto(_as_posted(transfer_request, fingerprint, now,
+                                                                  hold_id=hold.hold_id)),
+                    linked_transfers=[convert.transfer_to_proto(_as_posted(t, h, now))
+                                      for t, h in zip(request.linked, linked_hashes)]))
+                self._repo.insert_resolution(conn, hold.hold_id, HoldStatus.POSTED, now, posted_amount_minor=amount,
+                                             transfer_id=hold.hold_id, request_hash=fingerprint)
+                transfer, *linked = self._repo.insert_transfers(
+                    conn, [transfer_request, *request.linked], [fingerprint, *linked_hashes], now,
+                    hold_ids=[hold.hold_id] + [None] * len(request.linked))
             _assert_balances([transfer, *linked], planned)
             return posted, transfer, linked
 

@@ -196,36 +196,43 @@ class Repository:
         return {r[0] for r in conn.execute(self._q("SELECT id FROM {s}.holds WHERE id = ANY(%s)"), (list(hold_ids),))}
 
     def insert_transfers(self, conn: psycopg.Connection, requests: Sequence[TransferRequest],
-                         hashes: Sequence[bytes], posted_at: datetime, *, hold_id: str | None = None) -> list[Transfer]:
-        """Insert transfers in order (the trigger moves each one's balances) and their splits."""
-        cursor = conn.cursor()
-        cursor.executemany(self._q(
+                         hashes: Sequence[bytes], posted_at: datetime, *, hold_id: str | None = None,
+                         hold_ids: Sequence[str | None] | None = None) -> list[Transfer]:
+        """Insert transfers in order (the trigger moves each one's balances) and their splits.
+
+        `hold_id` is the hold every transfer posts, or `hold_ids` one per transfer. Both
+        inserts are sent before any result is read, so inside `conn.pipeline()` they travel
+        with whatever the caller queued before them, in one round trip."""
+        holds = list(hold_ids) if hold_ids is not None else [hold_id] * len(requests)
+        transfers = conn.cursor()
+        transfers.executemany(self._q(
             "INSERT INTO {s}.transfers (id, debit_account_id, credit_account_id, amount_minor, currency, kind, hold_id,"
             " corrects_transfer_id, reference, request_hash, posted_at)"
             " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
             " RETURNING debit_balance_after_minor, credit_balance_after_minor"),
-            [(r.transfer_id, r.debit_account_id, r.credit_account_id, r.amount_minor, r.currency, r.kind.value, hold_id,
-              r.corrects_transfer_id or None, r.reference, h, posted_at) for r, h in zip(requests, hashes, strict=True)],
+            [(r.transfer_id, r.debit_account_id, r.credit_account_id, r.amount_minor, r.currency, r.kind.value, held,
+              r.corrects_transfer_id or None, r.reference, h, posted_at)
+             for r, h, held in zip(requests, hashes, holds, strict=True)],
             returning=True)
-        afters = [result.fetchone() for result in cursor.results()]
         split_rows = [
             (r.transfer_id, number, s.party.value, s.party_id, s.amount_minor, s.currency, s.contract_id,
              s.contract_version)
             for r in requests for number, s in enumerate(r.splits)
         ]
         if split_rows:
-            cursor.executemany(self._q(
+            conn.cursor().executemany(self._q(
                 "INSERT INTO {s}.transfer_splits (transfer_id, line_no, party, party_id, amount_minor, currency,"
                 " contract_id, contract_version) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"), split_rows)
+        afters = [result.fetchone() for result in transfers.results()]
         return [
             Transfer(
                 transfer_id=r.transfer_id, debit_account_id=r.debit_account_id, credit_account_id=r.credit_account_id,
                 amount_minor=r.amount_minor, currency=r.currency, kind=r.kind, splits=r.splits,
-                hold_id=hold_id or "", corrects_transfer_id=r.corrects_transfer_id, reference=r.reference,
+                hold_id=held or "", corrects_transfer_id=r.corrects_transfer_id, reference=r.reference,
                 posted_at=posted_at, debit_balance_after_minor=after[0], credit_balance_after_minor=after[1],
                 request_hash=h,
             )
-            for r, h, after in zip(requests, hashes, afters, strict=True)
+            for r, h, held, after in zip(requests, hashes, holds, afters, strict=True)
         ]
 
     # --- holds ----------------------------------------------------------------------------
