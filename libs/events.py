@@ -18,9 +18,10 @@ after every record the batch brought from that partition has been handled.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
 from google.protobuf.message import DecodeError, Message
@@ -114,6 +115,11 @@ class Inbox(Protocol):
 
     def process(self, event_id: str, fn: Callable[[Any], None]) -> bool: ...
 
+    def process_many(self, items: Sequence[tuple[str, Callable[[Any], None]]]) -> list[bool]:
+        """`process` for each (event id, fn) in order, all in one transaction: every effect
+        and every id commit together or none does (the caller then retries one by one)."""
+        ...
+
 
 class MemoryInbox:
     """An in-process Inbox for unit tests of pure handlers; `fn` receives None."""
@@ -127,6 +133,22 @@ class MemoryInbox:
         fn(None)
         self.seen.add(event_id)
         return True
+
+    def process_many(self, items: Sequence[tuple[str, Callable[[Any], None]]]) -> list[bool]:
+        done: list[bool] = []
+        added: list[str] = []
+        try:
+            for event_id, fn in items:
+                fresh = event_id not in self.seen
+                if fresh:
+                    fn(None)
+                    self.seen.add(event_id)
+                    added.append(event_id)
+                done.append(fresh)
+        except Exception:
+            self.seen.difference_update(added)  # all or nothing, like a transaction
+            raise
+        return done
 
 
 class ConsumerLoop(Generic[E]):
@@ -153,6 +175,8 @@ class ConsumerLoop(Generic[E]):
         poll_timeout_ms: int = 500,
         client_id: str | None = None,
         dead_letter: Publisher | None = None,
+        handle_together: bool = True,
+        session_timeout_ms: int | None = None,
     ) -> None:
         if not 0 < batch_records_max <= BATCH_RECORDS_MAX:
             raise ValueError(f"batch_records_max must be in 1..{BATCH_RECORDS_MAX}")
@@ -162,6 +186,7 @@ class ConsumerLoop(Generic[E]):
         self._batch_max = batch_records_max
         self._poll_timeout_ms = poll_timeout_ms
         self._dead_letter = dead_letter
+        self._handle_together_enabled = handle_together  # False: one inbox transaction per record
         self._consumer = KafkaConsumer(
             *topics,
             bootstrap_servers=bootstrap,
@@ -171,17 +196,29 @@ class ConsumerLoop(Generic[E]):
             auto_offset_reset="earliest",
             max_poll_records=batch_records_max,
             isolation_level="read_committed",
+            # How soon the group gives a dead member's partitions to another (the client's
+            # default when None; tests that kill consumers shorten it).
+            **({"session_timeout_ms": session_timeout_ms} if session_timeout_ms is not None else {}),
         )
         self.handled = 0
         self.duplicates = 0
 
     def run_once(self) -> int:
-        """Poll one bounded batch, handle it, commit its offsets; return records consumed."""
+        """Poll one bounded batch, handle it, commit its offsets; return records consumed.
+
+        Each partition's records are first handled together, in one inbox transaction (one
+        commit for the lot, which is what lets a consumer keep up with a busy topic). If
+        that fails, they are handled again one by one, so the records before a failing one
+        still commit and the failing one is retried alone."""
         batches = self._consumer.poll(timeout_ms=self._poll_timeout_ms, max_records=self._batch_max)
         consumed = 0
         pending = list(batches.items())
         while pending:
             partition, records = pending.pop(0)
+            if self._handle_together(records):
+                self._commit({partition: records[-1].offset + 1})
+                consumed += len(records)
+                continue
             next_offset: int | None = None
             try:
                 for record in records:
@@ -203,6 +240,37 @@ class ConsumerLoop(Generic[E]):
 
     def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         self._consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()})
+
+    def _handle_together(self, records: list[Any]) -> bool:
+        """Handle `records` in one inbox transaction; False (nothing done) when the inbox
+        cannot, a record does not parse, or the transaction fails: the caller then goes one
+        by one."""
+        process_many = getattr(self._inbox, "process_many", None)
+        if not self._handle_together_enabled or process_many is None or len(records) < 2:
+            return False
+        envelopes = []
+        for record in records:
+            try:
+                envelope = self._envelope_type.FromString(record.value)
+            except DecodeError:
+                return False
+            if not envelope.event_id:
+                return False
+            envelopes.append(envelope)
+        try:
+            done = process_many([(e.event_id, functools.partial(self._handler, e)) for e in envelopes])
+        except Exception:  # noqa: BLE001 - retried one by one, where the failing record is found and reported
+            log.warning("batch handling failed; handling the records one by one",
+                        extra={"fields": {"records": len(records)}}, exc_info=True)
+            return False
+        for envelope, record, fresh in zip(envelopes, records, done, strict=True):
+            if fresh:
+                self.handled += 1
+            else:
+                self.duplicates += 1
+                log.info("duplicate event skipped", extra={"fields": {"event_id": envelope.event_id,
+                                                                       "topic": record.topic}})
+        return True
 
     def _handle(self, record: Any) -> None:
         try:

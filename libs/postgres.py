@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,3 +146,16 @@ class PostgresInbox:
                 return False
             fn(conn)
             return True
+
+    def process_many(self, items: Sequence[tuple[str, Callable[[Any], None]]]) -> list[bool]:
+        """`process` for each item in order, in ONE transaction: one commit for the lot."""
+        insert = sql.SQL("INSERT INTO {} (consumer, event_id) VALUES (%s, %s) ON CONFLICT DO NOTHING RETURNING 1").format(
+            self._table)
+        done = []
+        with self._pool.connection() as conn, conn.transaction():
+            for event_id, fn in items:
+                fresh = conn.execute(insert, (self._consumer, event_id)).fetchone() is not None
+                if fresh:
+                    fn(conn)
+                done.append(fresh)
+        return done

@@ -4,7 +4,8 @@ It consumes DiagnosticEvents from TOPIC in group GROUP with a PostgreSQL inbox, 
 each new event inserts a row (event id, worker pid) into SCHEMA.handled in the inbox's
 transaction, sleeping HANDLE_SLEEP_S per record so a batch takes long enough to be killed
 in the middle. It exits after EXPECTED distinct events are recorded and prints its counts
-as JSON.
+as JSON. ONE_BY_ONE=1 handles each record in its own inbox transaction instead of each
+partition's batch in one.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def main() -> int:
     loop = ConsumerLoop(
         bootstrap=bootstrap, group_id=group, topics=[topic], envelope_type=diagnostics_pb2.DiagnosticEvent,
         handler=handle, inbox=inbox, batch_records_max=int(os.environ.get("BATCH", "50")),
+        handle_together=os.environ.get("ONE_BY_ONE", "") != "1",
+        session_timeout_ms=6000,  # the broker's minimum: a killed worker's partitions move on quickly
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -108,7 +108,9 @@ def test_failed_handler_commits_nothing_past_it_and_is_retried(kafka_bootstrap: 
 
     pool = create_pool(postgres_dsn, name="test-inbox", max_size=2)
     inbox = PostgresInbox(pool, schema=scratch_schema, consumer="retry-test")
-    failures = {"evt-04": 1}
+    # Twice: the batch's one transaction fails first, then the record fails again when the
+    # records are retried one by one, and that error reaches the caller.
+    failures = {"evt-04": 2}
 
     def handle(event: diagnostics_pb2.DiagnosticEvent, tx: psycopg.Connection) -> None:
         tx.execute(f"INSERT INTO {scratch_schema}.handled (event_id, pid) VALUES (%s, 0)", (event.event_id,))
@@ -134,6 +136,8 @@ def test_failed_handler_commits_nothing_past_it_and_is_retried(kafka_bootstrap: 
 
 
 def test_killing_a_consumer_mid_batch_skips_nothing(kafka_bootstrap: str, postgres_dsn: str, scratch_schema: str) -> None:
+    """Records handled one by one, each in its own inbox transaction: the kill lands with
+    some of a batch's records committed and its offsets not, and those come back as duplicates."""
     topic = fresh_topic(kafka_bootstrap)
     make_handled_table(postgres_dsn, scratch_schema)
     total = 200
@@ -146,7 +150,7 @@ def test_killing_a_consumer_mid_batch_skips_nothing(kafka_bootstrap: str, postgr
 
     env = {**os.environ, "KAFKA": kafka_bootstrap, "TOPIC": topic, "GROUP": f"g-{uuid.uuid4().hex[:8]}",
            "SCHEMA": scratch_schema, "DSN": postgres_dsn, "EXPECTED": str(total), "BATCH": "50",
-           "HANDLE_SLEEP_S": "0.01"}
+           "HANDLE_SLEEP_S": "0.01", "ONE_BY_ONE": "1"}
     first = subprocess.Popen([sys.executable, "-m", "tests.integration.kafka_worker"], cwd=ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     # Kill it with SIGKILL once it is part-way through its work: inside a 50-record batch,
@@ -168,3 +172,43 @@ def test_killing_a_consumer_mid_batch_skips_nothing(kafka_bootstrap: str, postgr
     assert stats["handled"] == total - before_restart
     # The killed batch's uncommitted records came back and were recognised as handled.
     assert stats["duplicates"] > 0
+
+
+def test_killing_a_consumer_inside_a_batch_transaction_skips_nothing(kafka_bootstrap: str, postgres_dsn: str,
+                                                                      scratch_schema: str) -> None:
+    """Each partition's batch handled in ONE inbox transaction: killed while a batch's
+    transaction is open, that batch is neither committed nor skipped; the next worker handles
+    exactly what was not committed, and nothing twice."""
+    topic = fresh_topic(kafka_bootstrap)
+    make_handled_table(postgres_dsn, scratch_schema)
+    total = 200
+    ids = [str(uuid.uuid4()) for _ in range(total)]
+    publisher = Publisher(kafka_bootstrap, client_id="test-publisher")
+    for event_id in ids:
+        publisher.publish(topic, ping(event_id, key="one-account"))  # one partition: batches of 50 in order
+    publisher.flush()
+    publisher.close()
+
+    env = {**os.environ, "KAFKA": kafka_bootstrap, "TOPIC": topic, "GROUP": f"g-{uuid.uuid4().hex[:8]}",
+           "SCHEMA": scratch_schema, "DSN": postgres_dsn, "EXPECTED": str(total), "BATCH": "50",
+           "HANDLE_SLEEP_S": "0.01"}
+    first = subprocess.Popen([sys.executable, "-m", "tests.integration.kafka_worker"], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # Rows appear 50 at a time, when a batch commits; the next batch then spends about 0.5 s
+    # inside its transaction. Kill 0.2 s after the first commit shows.
+    deadline = time.monotonic() + 60
+    while not handled_ids(postgres_dsn, scratch_schema) and time.monotonic() < deadline:
+        assert first.poll() is None, first.stderr.read().decode()[-2000:]
+        time.sleep(0.005)
+    time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=10)
+    before_restart = len(handled_ids(postgres_dsn, scratch_schema))
+    assert before_restart % 50 == 0 and 50 <= before_restart < total  # whole batches only
+
+    second = subprocess.run([sys.executable, "-m", "tests.integration.kafka_worker"], cwd=ROOT, env=env,
+                            capture_output=True, timeout=120)
+    assert second.returncode == 0, second.stderr.decode()[-2000:]
+    stats = json.loads(second.stdout.decode().strip().splitlines()[-1])
+    assert handled_ids(postgres_dsn, scratch_schema) == sorted(ids)  # nothing skipped, nothing twice
+    assert stats["handled"] == total - before_restart
