@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated gallery sizes (default 100000,1000000; 100000 with BENCH_QUICK=1)")
     parser.add_argument("--probes", type=int, default=2000, help="probes of enrolled identities per size")
     parser.add_argument("--strangers", type=int, default=1000, help="probes of people not enrolled per size")
-    parser.add_argument("--ef-search", default="128,256,512",
+    parser.add_argument("--ef-search", default="256,512,768",
                         help="comma-separated HNSW search breadths to measure (CITYTAP_FACE_INDEX_EF_SEARCH)")
     parser.add_argument("--intrinsic", type=int, default=32,
                         help="dimensions in which synthetic identities differ (128: isotropic, the worst case)")

@@ -79,7 +79,7 @@ class Settings(CommonSettings):
                                    doc="largest image or frame accepted, in bytes")
     image_pixels_max: int = setting("CITYTAP_FACE_IMAGE_PIXELS_MAX", positive_int, default=25_000_000,
                                     doc="largest image or frame accepted, in pixels (width x height)")
-    index_ef_search: int = setting("CITYTAP_FACE_INDEX_EF_SEARCH", positive_int, default=512,
+    index_ef_search: int = setting("CITYTAP_FACE_INDEX_EF_SEARCH", positive_int, default=768,
                                    doc="HNSW search breadth: higher finds more true neighbours, slower")
     retention_sweep_interval_s: int = setting("CITYTAP_FACE_RETENTION_SWEEP_INTERVAL_S", positive_int, default=60,
                                               doc="how often expired templates are deleted and old-key ones re-encrypted")
