@@ -145,3 +145,29 @@ def test_opposite_transfers_between_the_same_accounts_never_deadlock(db: WalletD
     assert db.balance(a)[0] + db.balance(b)[0] == 100_000
     assert db.query("SELECT count(*) FROM {s}.transfers")[0][0] == 8 * 40 + 2
     assert db.invariant_violations() == []
+
+
+def test_concurrent_fares_to_the_hot_revenue_account_keep_its_running_balance_in_order(db: WalletDb) -> None:
+    """Many riders pay the one operator revenue account at once, as fares do. The revenue row is
+    locked only by each transfer's balance update, so the order of its transfers (seq) must be
+    the order its balance changed in: the latest running balance equals the balance, and each
+    transfer's running balance is the previous one plus its amount."""
+    revenue = db.sys(AccountKind.OPERATOR_REVENUE)
+    riders = [db.rider(funded_minor=100_000) for _ in range(WORKERS)]
+
+    def pay(worker: int) -> None:
+        for n in range(OPS_PER_WORKER):
+            db.ledger.create_transfers([TransferRequest(
+                transfer_id=f"fare-{worker}-{n}", debit_account_id=riders[worker], credit_account_id=revenue,
+                amount_minor=1 + (worker * OPS_PER_WORKER + n) % 97, currency="TWD", kind=TransferKind.FARE)])
+
+    run_parallel(pay, WORKERS)
+    rows = db.query("SELECT amount_minor, credit_balance_after_minor FROM {s}.transfers"
+                    " WHERE credit_account_id = %s ORDER BY seq", (revenue,))
+    assert len(rows) == WORKERS * OPS_PER_WORKER
+    running = 0
+    for amount, after in rows:
+        running += amount
+        assert after == running  # in seq order, every running balance follows from the one before
+    assert db.balance(revenue)[0] == running
+    assert db.invariant_violations() == []
