@@ -655,6 +655,21 @@ class Book:
     def balance(self, account_id: str) -> int:
         return self._positions[account_id].balance
 
+    def available_of(self, account_ids: Iterable[str], *, riders_only: bool) -> dict[str, int]:
+        """The available balance (balance less pending debits) of each of `account_ids` the
+        book holds (only rider wallets, with `riders_only`), as the applied requests left it.
+        System accounts are left out: the book does not lock them, so it does not know their
+        balance."""
+        found = {}
+        for account_id in account_ids:
+            position = self._positions.get(account_id)
+            if position is None or is_system_account(account_id):
+                continue
+            if riders_only and position.account.kind is not AccountKind.RIDER_WALLET:
+                continue
+            found[account_id] = position.balance - position.pending_debits
+        return found
+
     def _position(self, account_id: str, field_name: str, index: int | None) -> _Position:
         position = self._positions.get(account_id)
         if position is None:

@@ -234,6 +234,27 @@ class Ledger:
             expired.append(done)
         return expired
 
+    def _available(self, conn: psycopg.Connection, account_ids: Iterable[str], book: Book | None = None, *,
+                   riders_only: bool) -> dict[str, int]:
+        """The available balances of `account_ids` (only rider wallets, with `riders_only`) as
+        this transaction leaves them: from `book` for the accounts it applied requests to (no
+        query), read for the others (system accounts, and a retry answered from the record)."""
+        wanted = set(account_ids)
+        found = book.available_of(wanted, riders_only=riders_only) if book is not None else {}
+        missing = {a for a in wanted - found.keys() if book is None or is_system_account(a)}
+        if riders_only:
+            missing = {a for a in missing if not is_system_account(a)}
+        if missing:
+            found.update({a.account_id: a.available_minor for a in self._repo.get_accounts(conn, missing).values()
+                          if not riders_only or a.kind is AccountKind.RIDER_WALLET})
+        return found
+
+    @staticmethod
+    def _report(out: dict[str, int] | None, available: dict[str, int]) -> None:
+        if out is not None:
+            out.clear()  # a retried transaction reports afresh
+            out.update(available)
+
     def _unknown_account(self, account_id: str) -> errors.NotFound:
         return errors.NotFound("UNKNOWN_ACCOUNT", f"no account {account_id}", resource="account", account_id=account_id)
 
@@ -457,16 +478,6 @@ class Ledger:
 
         return self._transaction(work)
 
-    def available(self, account_ids: Collection[str]) -> dict[str, Account]:
-        """The named accounts as they are now (`available_minor` = balance less pending holds),
-        read without locking; for answering a write with the balance it left. Unknown ids are
-        simply absent."""
-
-        def work(conn: psycopg.Connection) -> dict[str, Account]:
-            return self._repo.get_accounts(conn, account_ids)
-
-        return self._transaction(work)
-
     def list_history(self, account_id: str, *, page_size_requested: int = 0, page_token: str = "",
                      start_at: datetime | None = None, end_at: datetime | None = None) -> tuple[list[HistoryEntry], str]:
         check_id(account_id, "account_id")
@@ -488,9 +499,13 @@ class Ledger:
     # --- transfers ------------------------------------------------------------------------
 
     def create_transfers(self, requests: Sequence[TransferRequest], *, internal: bool = False,
-                         credit_kind: AccountKind | None = None) -> list[Transfer]:
+                         credit_kind: AccountKind | None = None,
+                         available: dict[str, int] | None = None) -> list[Transfer]:
         """Post transfers atomically, in order. `internal` admits the kinds only the wallet's
-        own flows may post (top-ups); `credit_kind` requires every credited account's kind."""
+        own flows may post (top-ups); `credit_kind` requires every credited account's kind.
+        `available`, when given, receives the available balance of each rider wallet the
+        transfers touch, as the transaction left it."""
+        touched = {a for r in requests for a in (r.debit_account_id, r.credit_account_id)}
         requests = validate_batch(requests, internal=internal)
         hashes = [transfer_hash(r) for r in requests]
         ids = [r.transfer_id for r in requests]
@@ -498,7 +513,9 @@ class Ledger:
         def work(conn: psycopg.Connection) -> list[Transfer]:
             existing = self._repo.find_transfers(conn, ids)
             if existing:
-                return _replay_transfers(requests, hashes, existing)
+                replayed = _replay_transfers(requests, hashes, existing)
+                self._report(available, self._available(conn, touched, riders_only=True))
+                return replayed
             clash = self._repo.existing_hold_ids(conn, ids)
             if clash:
                 index = next(i for i, transfer_id in enumerate(ids) if transfer_id in clash)
@@ -521,6 +538,7 @@ class Ledger:
                     transfers=[convert.transfer_to_proto(_as_posted(r, h, now)) for r, h in zip(requests, hashes)]))
                 transfers = self._repo.insert_transfers(conn, requests, hashes, now)
             _assert_balances(transfers, planned)
+            self._report(available, self._available(conn, touched, book, riders_only=True))
             return transfers
 
         return self._transaction(work, retry_unique={"transfers_pkey"})
@@ -638,7 +656,8 @@ class Ledger:
 
     # --- holds ----------------------------------------------------------------------------
 
-    def create_hold(self, request: HoldRequest) -> Hold:
+    def create_hold(self, request: HoldRequest, *, available: dict[str, int] | None = None) -> Hold:
+        """Place a hold; `available`, when given, receives the debited rider's available balance."""
         request = validate_hold(request)
         fingerprint = hold_hash(request)
 
@@ -648,6 +667,7 @@ class Ledger:
                 if existing.request_hash != fingerprint:
                     raise errors.Conflict("IDEMPOTENCY_CONFLICT", f"hold {request.hold_id} exists with a different payload",
                                           hold_id=request.hold_id)
+                self._report(available, self._available(conn, [existing.debit_account_id], riders_only=False))
                 return existing
             if self._repo.existing_transfer_ids(conn, [request.hold_id]):
                 raise errors.Conflict("IDEMPOTENCY_CONFLICT", f"{request.hold_id} is already the id of a transfer",
@@ -656,7 +676,8 @@ class Ledger:
             expires_at = hold_expiry(request, now, ttl_default_s=self.config.hold_ttl_default_s,
                                      ttl_max_s=self.config.hold_ttl_max_s)
             accounts = self._lock(conn, {request.debit_account_id, request.credit_account_id}, now)
-            Book(accounts, self.config.stored_value_max_minor).reserve(request)
+            book = Book(accounts, self.config.stored_value_max_minor)
+            book.reserve(request)
             placed = Hold(hold_id=request.hold_id, debit_account_id=request.debit_account_id,
                           credit_account_id=request.credit_account_id, amount_minor=request.amount_minor,
                           currency=request.currency, kind=request.kind, reference=request.reference,
@@ -670,6 +691,7 @@ class Ledger:
                     currency=request.currency, kind=request.kind, reference=request.reference, request_hash=fingerprint,
                     created_at=now, expires_at=expires_at)
             assert hold == placed
+            self._report(available, self._available(conn, [hold.debit_account_id], book, riders_only=False))
             return hold
 
         return self._transaction(work, retry_unique={"holds_pkey"})
@@ -692,7 +714,8 @@ class Ledger:
         hold, transfer, _ = self.post_hold_linked(request)
         return hold, transfer
 
-    def post_hold_linked(self, request: PostHoldRequest) -> tuple[Hold, Transfer, list[Transfer]]:
+    def post_hold_linked(self, request: PostHoldRequest, *,
+                         available: dict[str, int] | None = None) -> tuple[Hold, Transfer, list[Transfer]]:
         """`post_hold`, plus the request's linked transfers posted right after the hold's own in
         the same transaction, all or none (a fare and the moves of its split). Returns them too;
         a retry with the same payload returns the original ones."""
@@ -716,6 +739,7 @@ class Ledger:
                                           f"hold {hold.hold_id} was posted with another amount or other linked transfers",
                                           hold_id=hold.hold_id)
                 found = self._repo.find_transfers(conn, [hold.transfer_id, *linked_ids])
+                self._report(available, self._available(conn, [hold.debit_account_id], riders_only=False))
                 return hold, found[hold.transfer_id], [found[i] for i in linked_ids]
             if hold.status is HoldStatus.VOIDED:
                 raise errors.FailedPrecondition("INVALID_STATE", f"hold {hold.hold_id} was voided", hold_id=hold.hold_id,
@@ -761,16 +785,24 @@ class Ledger:
                     conn, [transfer_request, *request.linked], [fingerprint, *linked_hashes], now,
                     hold_ids=[hold.hold_id] + [None] * len(request.linked))
             _assert_balances([transfer, *linked], planned)
+            self._report(available, self._available(conn, [hold.debit_account_id], book, riders_only=False))
             return posted, transfer, linked
 
         return self._transaction(work)  # type: ignore[arg-type]
 
-    def void_hold(self, hold_id: str) -> Hold:
+    def void_hold(self, hold_id: str, *, available: dict[str, int] | None = None) -> Hold:
         """Release a pending hold. Voiding a voided or expired hold returns it unchanged;
-        voiding a posted hold is INVALID_STATE."""
+        voiding a posted hold is INVALID_STATE. `available`, when given, receives the debited
+        rider's available balance afterwards."""
         check_id(hold_id, "hold_id")
 
         def work(conn: psycopg.Connection) -> Hold:
+            result = void(conn)
+            # Voids are rare (zero fares): the balance is read back, after the release.
+            self._report(available, self._available(conn, [result.debit_account_id], riders_only=False))
+            return result
+
+        def void(conn: psycopg.Connection) -> Hold:
             now = self._now()
             hold, accounts = self._locked_hold(conn, hold_id, now)
             if hold.status in (HoldStatus.VOIDED, HoldStatus.EXPIRED):

@@ -15,7 +15,7 @@ from citytap.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from libs import errors
 from libs.grpc_server import Registration
 from services.wallet import convert
-from services.wallet.domain import AccountKind, TransferRequest, check_independent_batch
+from services.wallet.domain import TransferRequest, check_independent_batch
 from services.wallet.devices import DeviceRpcs
 from services.wallet.exports import ExportRpcs
 from services.wallet.ledger import Ledger
@@ -96,33 +96,32 @@ class WalletServicer(TopUpRpcs, DeviceRpcs, ExportRpcs, wallet_pb2_grpc.WalletSe
         )
 
     def CreateHold(self, request: wallet_pb2.CreateHoldRequest, context: grpc.ServicerContext) -> wallet_pb2.CreateHoldResponse:
-        hold = self.ledger.create_hold(convert.hold_request(request))
+        available: dict[str, int] = {}
+        hold = self.ledger.create_hold(convert.hold_request(request), available=available)
         return wallet_pb2.CreateHoldResponse(hold=convert.hold_to_proto(hold),
-                                             debit_available=self._available_of(hold.debit_account_id))
+                                             debit_available=_money_of(available, hold.debit_account_id, hold.currency))
 
     def PostHold(self, request: wallet_pb2.PostHoldRequest, context: grpc.ServicerContext) -> wallet_pb2.PostHoldResponse:
-        hold, transfer, linked = self.ledger.post_hold_linked(convert.post_request(request))
+        available: dict[str, int] = {}
+        hold, transfer, linked = self.ledger.post_hold_linked(convert.post_request(request), available=available)
         return wallet_pb2.PostHoldResponse(hold=convert.hold_to_proto(hold), transfer=convert.transfer_to_proto(transfer),
                                            linked_transfers=[convert.transfer_to_proto(t) for t in linked],
-                                           debit_available=self._available_of(hold.debit_account_id))
+                                           debit_available=_money_of(available, hold.debit_account_id, hold.currency))
 
     def VoidHold(self, request: wallet_pb2.VoidHoldRequest, context: grpc.ServicerContext) -> wallet_pb2.VoidHoldResponse:
-        hold = self.ledger.void_hold(request.hold_id)
+        available: dict[str, int] = {}
+        hold = self.ledger.void_hold(request.hold_id, available=available)
         return wallet_pb2.VoidHoldResponse(hold=convert.hold_to_proto(hold),
-                                           debit_available=self._available_of(hold.debit_account_id))
+                                           debit_available=_money_of(available, hold.debit_account_id, hold.currency))
 
     def CreateTransfers(self, request: wallet_pb2.CreateTransfersRequest, context: grpc.ServicerContext) -> wallet_pb2.CreateTransfersResponse:
         requests = [convert.transfer_request(t, index) for index, t in enumerate(request.transfers)]
-        transfers = self.ledger.create_transfers(requests)
-        accounts = self.ledger.available({a for t in transfers for a in (t.debit_account_id, t.credit_account_id)})
+        available: dict[str, int] = {}
+        transfers = self.ledger.create_transfers(requests, available=available)
+        currency = {a: t.currency for t in transfers for a in (t.debit_account_id, t.credit_account_id)}
         return wallet_pb2.CreateTransfersResponse(
             transfers=[convert.transfer_to_proto(t) for t in transfers],
-            rider_available={a.account_id: convert.money(a.available_minor, a.currency) for a in accounts.values()
-                             if a.kind is AccountKind.RIDER_WALLET})
-
-    def _available_of(self, account_id: str) -> money_pb2.Money | None:
-        account = self.ledger.available([account_id]).get(account_id)
-        return None if account is None else convert.money(account.available_minor, account.currency)
+            rider_available={a: convert.money(minor, currency[a]) for a, minor in available.items()})
 
     def PostTransferBatch(self, request: wallet_pb2.PostTransferBatchRequest,
                           context: grpc.ServicerContext) -> wallet_pb2.PostTransferBatchResponse:
@@ -145,6 +144,13 @@ class WalletServicer(TopUpRpcs, DeviceRpcs, ExportRpcs, wallet_pb2_grpc.WalletSe
             end_at=convert.datetime_from_proto(request, "end_at"))
         return wallet_pb2.ListHistoryResponse(entries=[convert.history_entry_to_proto(e) for e in entries],
                                               next_page_token=token)
+
+
+def _money_of(available: dict[str, int], account_id: str, currency: str) -> money_pb2.Money | None:
+    """The reported available balance of `account_id`, or None (unset in the answer) when the
+    account does not exist."""
+    minor = available.get(account_id)
+    return None if minor is None else convert.money(minor, currency)
 
 
 def registration(servicer: WalletServicer) -> Registration:
