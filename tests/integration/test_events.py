@@ -35,6 +35,16 @@ def fresh_topic(bootstrap: str) -> str:
     return topic
 
 
+def wait_for_stall(worker: subprocess.Popen[bytes], stall_file: Path, timeout_s: float = 60) -> dict[str, int]:
+    """The counts a crash-test worker writes when it reaches its kill point (see kafka_worker)."""
+    deadline = time.monotonic() + timeout_s
+    while not stall_file.exists():
+        assert worker.poll() is None, worker.stderr.read().decode()[-2000:] if worker.stderr else ""
+        assert time.monotonic() < deadline, "the worker never reached its kill point"
+        time.sleep(0.01)
+    return json.loads(stall_file.read_text())
+
+
 def make_handled_table(dsn: str, schema: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(f"CREATE SCHEMA {schema}")
@@ -135,7 +145,8 @@ def test_failed_handler_commits_nothing_past_it_and_is_retried(kafka_bootstrap: 
     assert handled_ids(postgres_dsn, scratch_schema) == ids
 
 
-def test_killing_a_consumer_mid_batch_skips_nothing(kafka_bootstrap: str, postgres_dsn: str, scratch_schema: str) -> None:
+def test_killing_a_consumer_mid_batch_skips_nothing(kafka_bootstrap: str, postgres_dsn: str, scratch_schema: str,
+                                                    tmp_path: Path) -> None:
     """Records handled one by one, each in its own inbox transaction: the kill lands with
     some of a batch's records committed and its offsets not, and those come back as duplicates."""
     topic = fresh_topic(kafka_bootstrap)
@@ -148,34 +159,34 @@ def test_killing_a_consumer_mid_batch_skips_nothing(kafka_bootstrap: str, postgr
     publisher.flush()
     publisher.close()
 
+    stall_file = tmp_path / "stalled.json"
     env = {**os.environ, "KAFKA": kafka_bootstrap, "TOPIC": topic, "GROUP": f"g-{uuid.uuid4().hex[:8]}",
            "SCHEMA": scratch_schema, "DSN": postgres_dsn, "EXPECTED": str(total), "BATCH": "50",
-           "HANDLE_SLEEP_S": "0.01", "ONE_BY_ONE": "1"}
+           "HANDLE_SLEEP_S": "0.002", "ONE_BY_ONE": "1", "STALL_FILE": str(stall_file), "STALL_AFTER": "75"}
     first = subprocess.Popen([sys.executable, "-m", "tests.integration.kafka_worker"], cwd=ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    # Kill it with SIGKILL once it is part-way through its work: inside a 50-record batch,
-    # with rows written but that batch's offsets not yet committed.
-    deadline = time.monotonic() + 60
-    while len(handled_ids(postgres_dsn, scratch_schema)) < 75 and time.monotonic() < deadline:
-        assert first.poll() is None, first.stderr.read().decode()[-2000:]
-        time.sleep(0.005)
+    # The worker stops where the kill must land: 75 or more records recorded, and at least
+    # one of them in a batch whose offsets are not committed yet. SIGKILL it there.
+    stalled = wait_for_stall(first, stall_file)
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=10)
     before_restart = len(handled_ids(postgres_dsn, scratch_schema))
-    assert 75 <= before_restart < total
+    assert before_restart == stalled["recorded"] and 75 <= before_restart < total
+    assert stalled["uncommitted"] >= 1 and stalled["committed"] + stalled["uncommitted"] == before_restart
 
+    env.pop("STALL_FILE")  # the second worker runs to the end
     second = subprocess.run([sys.executable, "-m", "tests.integration.kafka_worker"], cwd=ROOT, env=env,
                             capture_output=True, timeout=120)
     assert second.returncode == 0, second.stderr.decode()[-2000:]
     stats = json.loads(second.stdout.decode().strip().splitlines()[-1])
     assert handled_ids(postgres_dsn, scratch_schema) == sorted(ids)  # nothing skipped, nothing twice
     assert stats["handled"] == total - before_restart
-    # The killed batch's uncommitted records came back and were recognised as handled.
-    assert stats["duplicates"] > 0
+    # The killed batch's uncommitted records came back, each recognised as handled.
+    assert stats["duplicates"] == stalled["uncommitted"]
 
 
 def test_killing_a_consumer_inside_a_batch_transaction_skips_nothing(kafka_bootstrap: str, postgres_dsn: str,
-                                                                      scratch_schema: str) -> None:
+                                                                      scratch_schema: str, tmp_path: Path) -> None:
     """Each partition's batch handled in ONE inbox transaction: killed while a batch's
     transaction is open, that batch is neither committed nor skipped; the next worker handles
     exactly what was not committed, and nothing twice."""
@@ -189,23 +200,22 @@ def test_killing_a_consumer_inside_a_batch_transaction_skips_nothing(kafka_boots
     publisher.flush()
     publisher.close()
 
+    stall_file = tmp_path / "stalled.json"
     env = {**os.environ, "KAFKA": kafka_bootstrap, "TOPIC": topic, "GROUP": f"g-{uuid.uuid4().hex[:8]}",
            "SCHEMA": scratch_schema, "DSN": postgres_dsn, "EXPECTED": str(total), "BATCH": "50",
-           "HANDLE_SLEEP_S": "0.01"}
+           "HANDLE_SLEEP_S": "0.002", "STALL_FILE": str(stall_file)}
     first = subprocess.Popen([sys.executable, "-m", "tests.integration.kafka_worker"], cwd=ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    # Rows appear 50 at a time, when a batch commits; the next batch then spends about 0.5 s
-    # inside its transaction. Kill 0.2 s after the first commit shows.
-    deadline = time.monotonic() + 60
-    while not handled_ids(postgres_dsn, scratch_schema) and time.monotonic() < deadline:
-        assert first.poll() is None, first.stderr.read().decode()[-2000:]
-        time.sleep(0.005)
-    time.sleep(0.2)
+    # The worker stops inside a batch's open transaction, after at least one batch has
+    # committed, with rows of the open batch inserted but not committed. SIGKILL it there.
+    stalled = wait_for_stall(first, stall_file)
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=10)
     before_restart = len(handled_ids(postgres_dsn, scratch_schema))
-    assert before_restart % 50 == 0 and 50 <= before_restart < total  # whole batches only
+    assert before_restart == stalled["recorded"] == stalled["committed"] and 1 <= before_restart < total
+    assert stalled["uncommitted"] >= 1  # rows inserted in the open transaction died with it
 
+    env.pop("STALL_FILE")  # the second worker runs to the end
     second = subprocess.run([sys.executable, "-m", "tests.integration.kafka_worker"], cwd=ROOT, env=env,
                             capture_output=True, timeout=120)
     assert second.returncode == 0, second.stderr.decode()[-2000:]
