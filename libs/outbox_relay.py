@@ -17,7 +17,7 @@ import threading
 
 from libs import logs
 from libs.events import Publisher
-from libs.outbox import OutboxRelay, ensure_table
+from libs.outbox import IDLE_WAIT_MS_DEFAULT, OutboxRelay, ensure_table, idle_wait_ms
 from libs.postgres import create_pool
 from libs.settings import SettingsError, host_port_list, load, log_level, setting, url
 
@@ -29,6 +29,8 @@ class RelaySettings:
     postgres_dsn: str = setting("CITYTAP_POSTGRES_DSN", url("postgresql", "postgres"), doc="PostgreSQL connection URL")
     kafka_bootstrap: str = setting("CITYTAP_KAFKA_BOOTSTRAP", host_port_list, doc="Kafka bootstrap servers")
     log_level: str = setting("CITYTAP_LOG_LEVEL", log_level, default="INFO", doc="DEBUG, INFO, WARNING or ERROR")
+    idle_wait_ms: int = setting("CITYTAP_OUTBOX_IDLE_WAIT_MS", idle_wait_ms, default=IDLE_WAIT_MS_DEFAULT,
+                                doc="how long to wait after a pass that found no backlog (1-1000 ms)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    OutboxRelay(pool, schema=args.schema, publisher=publisher).run(stop)
+    OutboxRelay(pool, schema=args.schema, publisher=publisher, idle_wait_s=settings.idle_wait_ms / 1000).run(stop)
     publisher.close()
     pool.close()
     return 0

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from libs import logs, outbox
-from libs.outbox import OutboxRelay
+from libs.outbox import IDLE_WAIT_MS_DEFAULT, OutboxRelay, idle_wait_ms
 from libs.events import Publisher, ensure_topics
 from libs.postgres import create_pool, migrate_folder
 from libs.redis_client import create_redis
@@ -47,6 +47,12 @@ class CommonSettings:
     outbox_relay_in_process: bool = setting(
         "CITYTAP_OUTBOX_RELAY_IN_PROCESS", boolean, default=True,
         doc="run the outbox relay inside the service; false when `python -m libs.outbox_relay` runs it",
+    )
+    outbox_idle_wait_ms: int = setting(
+        "CITYTAP_OUTBOX_IDLE_WAIT_MS", idle_wait_ms, default=IDLE_WAIT_MS_DEFAULT,
+        doc="how long the outbox relay waits after a pass that found no backlog (1-1000 ms): what gathers "
+            "meanwhile goes to Kafka as one batch, so a longer wait costs less CPU per event and delays events by "
+            "up to that much",
     )
 
 
@@ -150,11 +156,12 @@ def open_publisher(app: BaseApp, bootstrap: str, *, client_id: str, topics: list
     return publisher
 
 
-def open_outbox(app: BaseApp, pool: Any, *, schema: str, publisher: Publisher) -> OutboxRelay:
+def open_outbox(app: BaseApp, pool: Any, *, schema: str, publisher: Publisher,
+                idle_wait_ms: int = IDLE_WAIT_MS_DEFAULT) -> OutboxRelay:
     """Ensure the schema's outbox table and run its relay as a worker of `app`."""
     with pool.connection() as conn:
         outbox.ensure_table(conn, schema)
-    relay = OutboxRelay(pool, schema=schema, publisher=publisher)
+    relay = OutboxRelay(pool, schema=schema, publisher=publisher, idle_wait_s=idle_wait_ms / 1000)
     app.add_worker(relay.run)
     return relay
 
@@ -184,7 +191,7 @@ def open_standard(settings: CommonSettings, name: str, migrations: Path, registr
     publisher = open_publisher(app, settings.kafka_bootstrap, client_id=f"citytap-{name}",
                                topics=[topic or topic_for(name)])
     if settings.outbox_relay_in_process:
-        open_outbox(app, pool, schema=name, publisher=publisher)
+        open_outbox(app, pool, schema=name, publisher=publisher, idle_wait_ms=settings.outbox_idle_wait_ms)
     else:
         with pool.connection() as conn:
             outbox.ensure_table(conn, name)

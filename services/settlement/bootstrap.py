@@ -85,7 +85,7 @@ def build(settings: Settings, *, clock: Callable[[], datetime] = utc_now, ledger
             loop = ConsumerLoop(bootstrap=settings.kafka_bootstrap, group_id=f"citytap-{schema}-{name}",
                                 topics=[topic], envelope_type=envelope, handler=handler,
                                 inbox=PostgresInbox(pool, schema=schema, consumer=name), batch_records_max=500,
-                                dead_letter=publisher)
+                                dead_letter=publisher, fetch_wait_ms=settings.consume_wait_ms)
             app.add_worker(loop.run)
             app.on_close(loop.close)
             setattr(app, f"{name}_consumer", loop)

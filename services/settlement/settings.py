@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from datetime import time
 
+from libs.events import FETCH_WAIT_MS_MAX
 from libs.money import check_currency
 from libs.service import CommonSettings
 from libs.settings import (clock_time as local_time, host_port, non_negative_int, positive_int, repo_path,
@@ -46,6 +47,13 @@ def party_accounts(text: str) -> dict[tuple[str, str], str]:
     if len(result) > PARTY_ACCOUNTS_MAX:
         raise ValueError(f"at most {PARTY_ACCOUNTS_MAX} party accounts")
     return result
+
+
+def fetch_wait_ms(text: str) -> int:
+    value = non_negative_int(text)
+    if value > FETCH_WAIT_MS_MAX:
+        raise ValueError(f"expected at most {FETCH_WAIT_MS_MAX} ms")
+    return value
 
 
 def currency_code(text: str) -> str:
@@ -91,6 +99,11 @@ class Settings(CommonSettings):
                                 doc="topic of the wallet's events (another only for isolated test instances)")
     merchant_topic: str = setting("CITYTAP_SETTLEMENT_MERCHANT_TOPIC", default="citytap.merchant.v1.events",
                                   doc="topic of the merchant service's events (another only for isolated tests)")
+    consume_wait_ms: int = setting(
+        "CITYTAP_SETTLEMENT_CONSUME_WAIT_MS", fetch_wait_ms, default=200,
+        doc="how long the broker may hold a fetch of the wallet's and merchants' events to gather a batch "
+            "(0-5000 ms; 0: answer at once). Settlement lags the ledger by at most about this much, and takes "
+            "a busy topic in fewer, larger batches")
     stripe_timeout_ms: int = setting("CITYTAP_STRIPE_TIMEOUT_MS", positive_int, default=10_000,
                                      doc="read timeout of one Stripe request, in milliseconds")
     stripe_max_network_retries: int = setting("CITYTAP_STRIPE_MAX_NETWORK_RETRIES", non_negative_int, default=2,
