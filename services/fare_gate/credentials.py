@@ -12,8 +12,9 @@ Per kind:
 - **phone QR**: verified here, offline, against the wallet's issuer public keys only
   (libs.device_credentials: certificate, validity, claim signature, device, age), then
   checked online: the device key must not be on the wallet's Redis revocation set, and the
-  code's nonce is accepted once (Redis SET NX, remembered just over the code's validity; a
-  retry of the same tap id may present it again). Then the account: the phone cache, else
+  code's nonce is accepted once across the network (libs.qr_nonces: Redis SET NX, shared
+  with the merchant service's tills, remembered just over the code's validity; a retry of
+  the same tap id may present it again). Then the account: the phone cache, else
   the wallet's ResolveDevice. Pseudonym HMAC("device:" + device id): every code a phone
   makes is the same credential, so a double tap or a passback is seen as one.
 - **NFC token**: like a card UID, through ResolveDevice; the cached answer carries the
@@ -47,7 +48,7 @@ from datetime import datetime
 import redis
 
 from libs import device_credentials as dc
-from libs import errors
+from libs import errors, qr_nonces
 from services.fare_gate.domain import CredentialKind, Tap, credential_hash
 from services.fare_gate.face_client import MATCHED, FaceClient, unsupported
 from services.fare_gate.hot_state import HotState
@@ -58,7 +59,7 @@ log = logging.getLogger("citytap.fare_gate.credentials")
 # The wallet's revocation set (services/wallet/devices.py): members `key:<hex SHA-256 of a
 # retired device key>`.
 DEVICE_REVOCATIONS_KEY = "citytap:wallet:device-revocations"
-NONCE_PREFIX = "citytap:fare_gate:qr-nonce:"
+NONCE_PREFIX = qr_nonces.KEY_PREFIX
 PHONE_CACHE_PREFIX = "citytap:fare_gate:phone:"
 _SEPARATOR = "\x1f"
 # An unknown issuer key makes the gate re-read the wallet's keys, at most this often.
@@ -109,16 +110,9 @@ class PhoneState:
         self._revocations_key = revocations_key
 
     def claim_nonce(self, nonce: bytes, tap_id: str, *, ttl_s: int) -> bool:
-        """True when this tap may use the nonce: nobody had it, or this same tap (a retry) did."""
-        key = NONCE_PREFIX + nonce.hex()
-        try:
-            if self._client.set(key, tap_id, nx=True, ex=ttl_s):
-                return True
-            holder = self._client.get(key)
-        except redis.RedisError as exc:
-            raise errors.Unavailable("UNAVAILABLE", f"the QR nonce store is unreachable: {exc}",
-                                     dependency="redis") from exc
-        return holder is not None and holder.decode() == tap_id
+        """True when this tap may use the nonce: nobody had it, or this same tap (a retry) did.
+        The claim is the network's (libs.qr_nonces): a code a till took is refused here too."""
+        return qr_nonces.claim(self._client, nonce, f"fare_gate:tap:{tap_id}", ttl_s=ttl_s)
 
     def key_revoked(self, fingerprint: bytes) -> bool:
         """True when the wallet lists the key as revoked; False when Redis cannot say (the

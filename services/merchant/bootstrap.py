@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 
 from libs.grpc_client import connect
-from libs.service import BaseApp, open_standard
+from libs.service import BaseApp, open_redis, open_standard
 from libs.stripe_webhooks import WebhookServer
 from services.merchant.contracts import ContractCache
 from services.merchant.credentials import CredentialConfig, CredentialResolver
@@ -57,6 +57,7 @@ def build(settings: Settings, *, clock: Callable[[], datetime] = utc_now,
         contracts = ContractCache(settlement_channel, currency=settings.currency,
                                   timeout_s=settings.settlement_timeout_ms / 1000, ttl_s=settings.contract_cache_ttl_s)
     wallet = WalletClient(wallet_channel, timeout_s=settings.wallet_timeout_ms / 1000)
+    nonces = open_redis(app, settings.redis_url)
     face = None
     if settings.face_address:
         face_channel = connect(settings.face_address, default_timeout_s=settings.face_timeout_ms / 1000)
@@ -67,7 +68,8 @@ def build(settings: Settings, *, clock: Callable[[], datetime] = utc_now,
         issuer_keys_refresh_s=settings.issuer_keys_refresh_s))
     merchants = Merchants(pool, schema=settings.schema, wallet=wallet, credentials=credentials, contracts=contracts,
                           stripe=gateway, limits=day_limits,
-                          service_day=ServiceDay(settings.service_day_timezone, settings.service_day_start), clock=clock)
+                          service_day=ServiceDay(settings.service_day_timezone, settings.service_day_start), nonces=nonces,
+                          clock=clock)
     servicer.attach(merchants)
     webhooks = WebhookServer(settings.webhook_listen, merchants.handle_webhook, thread_name="merchant-stripe-webhook")
     app.add_worker(webhooks.run)

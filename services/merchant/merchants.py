@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -38,7 +39,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from citytap.common.v1 import credential_pb2
 from citytap.merchant.v1 import events_pb2
-from libs import errors, outbox, splits
+from libs import errors, outbox, qr_nonces, splits
 from libs.money import MoneyError
 from libs.protos import timestamp_pb
 from libs.stripe_webhooks import WebhookResponse
@@ -108,8 +109,10 @@ class Merchants:
 
     def __init__(self, pool: ConnectionPool, *, schema: str, wallet: WalletClient, credentials: CredentialResolver,
                  contracts: ContractSource, stripe: StripeGateway, limits: Limits, service_day: ServiceDay,
-                 clock: Callable[[], datetime] = utc_now) -> None:
+                 nonces: Any, clock: Callable[[], datetime] = utc_now) -> None:
+        """`nonces` is the Redis client holding the network's phone QR claims (libs.qr_nonces)."""
         self._pool = pool
+        self._nonces = nonces
         self._schema = schema
         self._wallet = wallet
         self._credentials = credentials
@@ -401,6 +404,12 @@ class Merchants:
                 if fresh is None:
                     raise errors.FailedPrecondition("CREDENTIAL_REPLAYED", "this phone QR code has already paid; "
                                                     "the phone shows a new one")
+                # The network's claim too: a code a gate (or another till) took pays nowhere else.
+                ttl_s = max(1, math.ceil((rider.nonce_expires_at - now).total_seconds()))  # type: ignore[operator]
+                if not qr_nonces.claim(self._nonces, rider.nonce, nonce_owner, ttl_s=ttl_s):
+                    raise errors.FailedPrecondition("CREDENTIAL_REPLAYED", "this phone QR code has already been used "
+                                                    "at a gate or till; the phone shows a new one")
+                claimed.append(rider.nonce)
             row = self._one(conn, "INSERT INTO {s}.charges (id, merchant_id, order_id, request_hash, rider_account_id,"
                             " credential_kind, amount_minor, currency, description, service_day, status, splits,"
                             " transfer_id, created_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s,"
@@ -413,7 +422,14 @@ class Merchants:
                 return self._find_charge(conn, request.merchant_id, request.order_id)  # type: ignore[return-value]
             return self._charge(row)
 
-        decided = self._tx(decide)
+        nonce_owner = f"merchant:charge:{charge_id}"
+        claimed: list[bytes] = []
+        try:
+            decided = self._tx(decide)
+        except BaseException:
+            for nonce in claimed:  # the charge was not recorded: the code has not paid
+                qr_nonces.release(self._nonces, nonce, nonce_owner)
+            raise
         if decided.charge_id != charge_id:
             return self._replay(decided, fingerprint)
         return self._confirm_charge(decided)

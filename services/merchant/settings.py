@@ -72,6 +72,8 @@ class Settings(CommonSettings):
                                      doc="read timeout of one Stripe request, in milliseconds")
     stripe_max_network_retries: int = setting("CITYTAP_STRIPE_MAX_NETWORK_RETRIES", non_negative_int, default=2,
                                               doc="retries of a retryable Stripe failure (0-5)")
+    redis_url: str = setting("CITYTAP_REDIS_URL", url("redis"),
+                             doc="Redis URL of the network's phone QR claims (shared with fare-gate): a code pays once")
     face_address: str = setting("CITYTAP_FACE_ADDRESS", host_port, default="",
                                 doc="host:port of the face service; empty: faces are refused at the till")
     face_timeout_ms: int = setting("CITYTAP_MERCHANT_FACE_TIMEOUT_MS", positive_int, default=1000,

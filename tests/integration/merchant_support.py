@@ -84,7 +84,7 @@ class Onboarded:
 
 
 class MerchantStack:
-    def __init__(self, dsn: str, kafka: str, stripe_api_base: str, *, face_address: str = "") -> None:
+    def __init__(self, dsn: str, kafka: str, stripe_api_base: str, redis_url: str, *, face_address: str = "") -> None:
         suffix = uuid.uuid4().hex[:10]
         self.dsn = dsn
         self.schemas = {"wallet": f"tw_{suffix}", "settlement": f"ts_{suffix}", "merchant": f"tm_{suffix}"}
@@ -120,7 +120,7 @@ class MerchantStack:
             "CITYTAP_MERCHANT_WALLET_TIMEOUT_MS": "5000", "CITYTAP_MERCHANT_SETTLEMENT_TIMEOUT_MS": "5000",
             # Tests make contract versions and move the clock past them at once.
             "CITYTAP_MERCHANT_CONTRACT_CACHE_TTL_S": "0",
-            "CITYTAP_FACE_ADDRESS": face_address,
+            "CITYTAP_FACE_ADDRESS": face_address, "CITYTAP_REDIS_URL": redis_url,
         }
         self.settings = load(Settings, env)
         self.app = build(self.settings, clock=self.clock)
@@ -276,8 +276,9 @@ PARTY_MERCHANT = split_pb2.PARTY_MERCHANT
 
 
 @pytest.fixture(scope="module")
-def merchant_stack(postgres_dsn: str, kafka_bootstrap: str, stripe_api_base: str) -> Iterator[MerchantStack]:
-    stack = MerchantStack(postgres_dsn, kafka_bootstrap, stripe_api_base)
+def merchant_stack(postgres_dsn: str, kafka_bootstrap: str, stripe_api_base: str,
+                   redis_url: str) -> Iterator[MerchantStack]:
+    stack = MerchantStack(postgres_dsn, kafka_bootstrap, stripe_api_base, redis_url)
     yield stack
     stack.close()
 

@@ -18,11 +18,13 @@ from kafka import KafkaConsumer, TopicPartition
 from citytap.common.v1 import credential_pb2
 from citytap.merchant.v1 import events_pb2, merchant_pb2
 from libs import device_credentials as dc
-from libs import errors
+from libs import errors, qr_nonces
 from libs.grpc_client import connect
 from libs.grpc_server import create_server
 from libs.protos import money_pb
+from libs.redis_client import create_redis
 from libs.splits import Term
+from services.fare_gate.credentials import PhoneState
 from services.merchant.contracts import ContractCache
 from services.settlement.servicer import SettlementServicer
 from services.settlement.servicer import registration as settlement_registration
@@ -486,6 +488,49 @@ def test_phones_pay_by_qr_once_and_by_nfc_until_revoked(merchant_stack: Merchant
             merchant_id=merchant_id, order_id=f"after-revoke-{uuid.uuid4().hex[:6]}", credential=credential,
             amount=money_pb(100, "TWD")), metadata=bearer(secret))[:2] == \
             (grpc.StatusCode.PERMISSION_DENIED, "CREDENTIAL_REVOKED")
+    assert_ledger_sound(stack)
+
+
+def test_a_phone_code_pays_once_across_tills_and_gates(merchant_stack: MerchantStack, shop: tuple[str, str],
+                                                      redis_url: str) -> None:
+    """The till and the gate share the network's nonce claims (libs.qr_nonces, the same Redis
+    key fare-gate's PhoneState claims): a code a gate took does not pay at a till, a code a
+    till took does not open a gate, and a charge refused for a limit leaves the code unspent."""
+    stack, (merchant_id, secret) = merchant_stack, shop
+    rider, _ = stack.rider()
+    device_id, key, certificate, _ = stack.phone(rider)
+    client = create_redis(redis_url)
+    gate = PhoneState(client, cache_ttl_s=60)
+
+    def qr() -> tuple[credential_pb2.Credential, bytes]:
+        payload = dc.make_qr_payload(key, certificate, device_id=device_id, issued_at=stack.clock())
+        claim = credential_pb2.PhoneQrClaim.FromString(credential_pb2.PhoneQrPayload.FromString(payload).claim)
+        return credential_pb2.Credential(phone_qr=payload), claim.nonce
+
+    try:
+        at_gate, nonce = qr()
+        assert gate.claim_nonce(nonce, "tap-at-a-gate", ttl_s=40)  # the gate took it first
+        before = stack.snapshot()
+        assert expect_error(stack.stub.Charge, merchant_pb2.ChargeRequest(
+            merchant_id=merchant_id, order_id="after-the-gate", credential=at_gate, amount=money_pb(100, "TWD")),
+            metadata=bearer(secret))[:2] == (grpc.StatusCode.FAILED_PRECONDITION, "CREDENTIAL_REPLAYED")
+        assert stack.snapshot() == before
+        assert stack.query("SELECT count(*) FROM {m}.qr_nonces WHERE nonce = %s", (nonce,)) == [(0,)]
+
+        at_till, nonce = qr()
+        stack.charge_with(secret, merchant_id, at_till, 100, order_id="till-first")
+        assert client.get(qr_nonces.key(nonce)).decode().startswith("merchant:charge:")
+        assert not gate.claim_nonce(nonce, "tap-after-the-till", ttl_s=40)  # the gate refuses it
+
+        too_much, nonce = qr()  # refused for the limit, before any claim: the code still pays at a gate
+        assert expect_error(stack.stub.Charge, merchant_pb2.ChargeRequest(
+            merchant_id=merchant_id, order_id="over-limit", credential=too_much, amount=money_pb(100_001, "TWD")),
+            metadata=bearer(secret))[1] == "LIMIT_EXCEEDED"
+        assert client.get(qr_nonces.key(nonce)) is None
+        assert gate.claim_nonce(nonce, "tap-with-an-unspent-code", ttl_s=40)
+    finally:
+        client.close()
+    assert stack.balance(rider) == 500_000 - 100
     assert_ledger_sound(stack)
 
 

@@ -26,9 +26,10 @@ pytestmark = pytest.mark.integration
 
 
 def test_a_consenting_rider_pays_by_face_within_the_face_limit(postgres_dsn: str, kafka_bootstrap: str,
-                                                               stripe_api_base: str, grpc_face: GrpcFace,
+                                                               stripe_api_base: str, redis_url: str, grpc_face: GrpcFace,
                                                                photos: Photos) -> None:
-    stack = MerchantStack(postgres_dsn, kafka_bootstrap, stripe_api_base, face_address=f"127.0.0.1:{grpc_face.server.port}")
+    stack = MerchantStack(postgres_dsn, kafka_bootstrap, stripe_api_base, redis_url,
+                          face_address=f"127.0.0.1:{grpc_face.server.port}")
     try:
         merchant = stack.verified_merchant()
         secret = stack.key(merchant.merchant_id)

@@ -21,7 +21,9 @@ from citytap.common.v1 import credential_pb2
 from citytap.face.v1 import face_pb2_grpc
 from citytap.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from libs import device_credentials as dc
+from libs import qr_nonces
 from libs.grpc_client import connect
+from libs.redis_client import create_redis
 from phone_app.device import Phone
 from tests.integration.fare_gate_support import (
     DENY,
@@ -91,6 +93,10 @@ def nfc_tap(stack: FareGateStack, token: str, gate: str, direction: int, at: dat
     return request
 
 
+def nonce_of(payload: bytes) -> bytes:
+    return credential_pb2.PhoneQrClaim.FromString(credential_pb2.PhoneQrPayload.FromString(payload).claim).nonce
+
+
 def refused_unchanged(stack: FareGateStack, request) -> tuple[grpc.StatusCode, str | None, str]:
     before = stack.snapshot()
     result = stack.refused(request)
@@ -110,6 +116,25 @@ def test_a_phone_pays_a_journey_with_qr_codes(stack: FareGateStack, wallet) -> N
     assert stack.balance(rider) == (50_000 - CEN_UNI, 0)
     kinds = stack.query("SELECT DISTINCT credential_kind FROM {fg}.taps WHERE account_id = %s", (rider.account_id,))
     assert kinds == [(credential_pb2.CREDENTIAL_KIND_PHONE_QR,)]
+
+
+def test_a_code_a_till_has_taken_is_refused_at_the_gate(stack: FareGateStack, wallet, redis_url: str) -> None:
+    """The nonce claim is the network's (libs.qr_nonces), shared with the merchant service:
+    a code that paid at a till within its 30 s does not open a gate too."""
+    phone, _ = phone_of(stack, wallet)
+    payload = phone.qr_payload()
+    nonce = nonce_of(payload)
+    client = create_redis(redis_url)
+    try:
+        assert qr_nonces.claim(client, nonce, "merchant:charge:paid-at-a-till", ttl_s=40)  # as a till's charge does
+        code, reason, _ = refused_unchanged(stack, qr_tap(stack, payload, "CEN-G1", ENTRY))
+        assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "CREDENTIAL_REPLAYED")
+        # And the other way round: the code of a gate's tap is the gate's, not a till's.
+        other = phone.qr_payload()
+        assert stack.stub.Tap(qr_tap(stack, other, "CEN-G1", ENTRY)).decision == OPEN
+        assert not qr_nonces.claim(client, nonce_of(other), "merchant:charge:x", ttl_s=40)
+    finally:
+        client.close()
 
 
 def test_a_retried_tap_may_present_its_code_again_but_another_tap_may_not(stack: FareGateStack, wallet) -> None:

@@ -251,6 +251,7 @@ BASE_ENV = {
     "CITYTAP_KAFKA_BOOTSTRAP": "127.0.0.1:9092", "CITYTAP_WALLET_ADDRESS": "127.0.0.1:50052",
     "CITYTAP_SETTLEMENT_ADDRESS": "127.0.0.1:50055", "CITYTAP_STRIPE_API_BASE": "http://127.0.0.1:12111",
     "CITYTAP_STRIPE_API_KEY": "sk_test_x", "CITYTAP_MERCHANT_WEBHOOK_SECRET": "whsec_unit_test_secret_000000",
+    "CITYTAP_REDIS_URL": "redis://127.0.0.1:6379/0",
 }
 
 
@@ -265,7 +266,7 @@ def test_settings_default_to_taiwans_limits_and_the_taipei_service_day() -> None
     ("CITYTAP_MERCHANT_WEBHOOK_SECRET", "short"), ("CITYTAP_MERCHANT_SERVICE_DAY_START", "4:30"),
     ("CITYTAP_MERCHANT_SERVICE_DAY_TIMEZONE", "Mars/Olympus"), ("CITYTAP_MERCHANT_PER_DAY_LIMIT_MINOR", "0"),
     ("CITYTAP_MERCHANT_CONTRACT_CACHE_TTL_S", "301"), ("CITYTAP_MERCHANT_CURRENCY", "twd"),
-    ("CITYTAP_SETTLEMENT_ADDRESS", "nowhere"),
+    ("CITYTAP_SETTLEMENT_ADDRESS", "nowhere"), ("CITYTAP_REDIS_URL", "http://127.0.0.1:6379"),
 ])
 def test_bad_settings_are_named(name: str, value: str) -> None:
     with pytest.raises(SettingsError) as info:
