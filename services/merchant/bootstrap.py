@@ -6,6 +6,8 @@ contract source.
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -17,13 +19,14 @@ from services.merchant.contracts import ContractCache
 from services.merchant.credentials import CredentialConfig, CredentialResolver
 from services.merchant.domain import Limits, ServiceDay
 from services.merchant.face_client import FaceClient
-from services.merchant.merchants import TOPIC, ContractSource, Merchants, utc_now
+from services.merchant.merchants import SETTLE_MARGIN_S_DEFAULT, TOPIC, ContractSource, Merchants, utc_now
 from services.merchant.servicer import MerchantServicer, registration
 from services.merchant.settings import Settings
 from services.merchant.stripe_gateway import StripeGateway
 from services.merchant.wallet_client import WalletClient
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+log = logging.getLogger("citytap.merchant")
 
 
 def limits(settings: Settings) -> Limits:
@@ -38,6 +41,15 @@ def stripe_gateway(settings: Settings) -> StripeGateway:
                          webhook_secret=bytes(settings.webhook_secret).decode(),
                          timeout_s=settings.stripe_timeout_ms / 1000,
                          max_network_retries=settings.stripe_max_network_retries)
+
+
+def settle_in_doubt_until(stop: threading.Event, merchants: Merchants, interval_s: float) -> None:
+    """Settle charges and refunds left in doubt every `interval_s` until `stop` is set."""
+    while not stop.wait(interval_s):
+        try:
+            merchants.settle_in_doubt()
+        except Exception:  # noqa: BLE001 - the next round tries again
+            log.exception("settling charges left in doubt failed; trying again next round")
 
 
 def build(settings: Settings, *, clock: Callable[[], datetime] = utc_now,
@@ -69,11 +81,14 @@ def build(settings: Settings, *, clock: Callable[[], datetime] = utc_now,
     merchants = Merchants(pool, schema=settings.schema, wallet=wallet, credentials=credentials, contracts=contracts,
                           stripe=gateway, limits=day_limits,
                           service_day=ServiceDay(settings.service_day_timezone, settings.service_day_start), nonces=nonces,
-                          clock=clock)
+                          clock=clock, in_doubt_after_s=settings.in_doubt_after_s,
+                          # No post of a charge can still be in flight once the wallet's deadline has passed.
+                          settle_margin_s=settings.wallet_timeout_ms / 1000 + SETTLE_MARGIN_S_DEFAULT)
     servicer.attach(merchants)
     webhooks = WebhookServer(settings.webhook_listen, merchants.handle_webhook, thread_name="merchant-stripe-webhook")
     app.add_worker(webhooks.run)
     app.on_close(webhooks.close)
+    app.add_worker(lambda stop: settle_in_doubt_until(stop, merchants, settings.settle_interval_s))
     app.merchants = merchants  # type: ignore[attr-defined]  # for tests and tools that drive the use cases directly
     app.webhooks = webhooks  # type: ignore[attr-defined]
     return app

@@ -20,6 +20,14 @@ If the wallet's answer is lost (UNAVAILABLE), the charge stays PENDING and count
 rider's day; the till retries with the same order id, which posts the same batch again (the
 wallet answers with the original transfers, or refuses it for good) and confirms or removes
 the row.
+
+A charge (or refund) still PENDING `in_doubt_after_s` after it was recorded is in doubt: a
+till that never retried. Retries stop posting it then (they are answered UNAVAILABLE until
+it is settled), and once a further margin has passed (the wallet's deadline and some, so no
+post of it can still be in flight) `settle_in_doubt` asks the wallet (GetTransfers) whether
+its batch was posted: if so it is confirmed and its event published, as if the till had
+retried; if not it is removed unpaid and the order id is free again. Nothing the ledger
+moved is left unrecorded here, and nothing is charged that the till gave up on.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import logging
 import math
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 
 import psycopg
@@ -88,6 +96,9 @@ from services.merchant.wallet_client import WalletClient, WalletRefused
 log = logging.getLogger("citytap.merchant")
 
 TOPIC = "citytap.merchant.v1.events"
+IN_DOUBT_AFTER_S_DEFAULT = 60
+SETTLE_MARGIN_S_DEFAULT = 30.0
+SETTLE_BATCH_MAX = 100
 STRIPE_KEY_ACCOUNT = "citytap:merchant-account:"
 STRIPE_KEY_LINK = "citytap:merchant-link:"
 
@@ -109,9 +120,13 @@ class Merchants:
 
     def __init__(self, pool: ConnectionPool, *, schema: str, wallet: WalletClient, credentials: CredentialResolver,
                  contracts: ContractSource, stripe: StripeGateway, limits: Limits, service_day: ServiceDay,
-                 nonces: Any, clock: Callable[[], datetime] = utc_now) -> None:
-        """`nonces` is the Redis client holding the network's phone QR claims (libs.qr_nonces)."""
+                 nonces: Any, clock: Callable[[], datetime] = utc_now, in_doubt_after_s: int = IN_DOUBT_AFTER_S_DEFAULT,
+                 settle_margin_s: float = SETTLE_MARGIN_S_DEFAULT) -> None:
+        """`nonces` is the Redis client holding the network's phone QR claims (libs.qr_nonces);
+        `in_doubt_after_s` and `settle_margin_s` as in the module docstring."""
         self._pool = pool
+        self._in_doubt_after = timedelta(seconds=in_doubt_after_s)
+        self._settle_after = timedelta(seconds=in_doubt_after_s + settle_margin_s)
         self._nonces = nonces
         self._schema = schema
         self._wallet = wallet
@@ -434,13 +449,25 @@ class Merchants:
             return self._replay(decided, fingerprint)
         return self._confirm_charge(decided)
 
+    def _refuse_if_in_doubt(self, created_at: datetime, what: str) -> None:
+        """A retry of a PENDING charge or refund older than `in_doubt_after_s` does not post it:
+        settle_in_doubt decides it, and the retry after that gets the answer."""
+        if self._clock() - created_at > self._in_doubt_after:
+            raise errors.Unavailable("UNAVAILABLE", f"the {what} was left in doubt and is being settled with the "
+                                     "wallet; retry with the same id in a minute", dependency="wallet")
+
     def _confirm_charge(self, charge: Charge) -> Charge:
+        self._refuse_if_in_doubt(charge.created_at, "charge")
         try:
             self._wallet.post_batch(charge_plan(charge), charge.currency)
         except WalletRefused as refusal:
             self._tx(lambda c: c.execute(self._sql("DELETE FROM {s}.charges WHERE id = %s AND status = 'PENDING'"),
                                          (charge.charge_id,)))
             raise refusal.error from refusal
+        return self._mark_charged(charge)
+
+    def _mark_charged(self, charge: Charge) -> Charge:
+        """Record a charge whose batch the wallet posted: SUCCEEDED, with its event."""
 
         def confirm(conn: psycopg.Connection) -> Charge:
             row = self._one(conn, "UPDATE {s}.charges SET status = 'SUCCEEDED', updated_at = %s WHERE id = %s"
@@ -519,6 +546,7 @@ class Merchants:
         return refund, charge
 
     def _confirm_refund(self, refund: Refund) -> tuple[Refund, Charge]:
+        self._refuse_if_in_doubt(refund.created_at, "refund")
         charge = self._tx(lambda c: self._charge_of(c, refund.merchant_id, refund.charge_id))
         try:
             self._wallet.post_batch(refund_plan(charge, refund), refund.currency)
@@ -526,6 +554,11 @@ class Merchants:
             self._tx(lambda c: c.execute(self._sql("DELETE FROM {s}.refunds WHERE id = %s AND status = 'PENDING'"),
                                          (refund.refund_key,)))
             raise refusal.error from refusal
+        return self._mark_refunded(refund)
+
+    def _mark_refunded(self, refund: Refund) -> tuple[Refund, Charge]:
+        """Record a refund whose batch the wallet posted: SUCCEEDED, the charge's refunded
+        amount and status updated, with its event."""
 
         def confirm(conn: psycopg.Connection) -> tuple[Refund, Charge]:
             current = self._charge_of(conn, refund.merchant_id, refund.charge_id, lock=True)
@@ -545,6 +578,40 @@ class Merchants:
             return confirmed, updated
 
         return self._tx(confirm)
+
+    # --- charges and refunds left in doubt -------------------------------------------------------
+
+    def settle_in_doubt(self, *, batch_max: int = SETTLE_BATCH_MAX) -> dict[str, int]:
+        """Settle PENDING charges and refunds recorded more than `in_doubt_after_s` plus the
+        margin ago (see the module docstring); return how many were confirmed and removed."""
+        cutoff = self._clock() - self._settle_after
+        limit = min(batch_max, SETTLE_BATCH_MAX)
+        charges, refunds = self._tx(lambda c: (
+            [self._charge(r) for r in self._all(c, "SELECT * FROM {s}.charges WHERE status = 'PENDING'"
+                                                " AND created_at < %s ORDER BY created_at LIMIT %s", (cutoff, limit))],
+            [self._refund(r) for r in self._all(c, "SELECT * FROM {s}.refunds WHERE status = 'PENDING'"
+                                                " AND created_at < %s ORDER BY created_at LIMIT %s", (cutoff, limit))]))
+        posted = self._wallet.posted([c.transfer_id for c in charges] + [r.transfer_id for r in refunds])
+        counts = {"charges_confirmed": 0, "charges_removed": 0, "refunds_confirmed": 0, "refunds_removed": 0}
+        for charge in charges:
+            if charge.transfer_id in posted:
+                self._mark_charged(charge)
+                counts["charges_confirmed"] += 1
+            elif self._remove_unpaid("charges", charge.charge_id):
+                counts["charges_removed"] += 1
+        for refund in refunds:
+            if refund.transfer_id in posted:
+                self._mark_refunded(refund)
+                counts["refunds_confirmed"] += 1
+            elif self._remove_unpaid("refunds", refund.refund_key):
+                counts["refunds_removed"] += 1
+        if any(counts.values()):
+            log.warning("settled charges and refunds left in doubt", extra={"fields": counts})
+        return counts
+
+    def _remove_unpaid(self, table: str, row_id: str) -> bool:
+        return bool(self._tx(lambda c: c.execute(self._sql(f"DELETE FROM {{s}}.{table} WHERE id = %s"
+                                                           " AND status = 'PENDING'"), (row_id,)).rowcount))
 
     def get_charge(self, caller: Caller, merchant_id: str, charge_id: str) -> tuple[Charge, list[Refund]]:
         """One of the caller's charges with its confirmed refunds; another merchant's is NOT_FOUND."""

@@ -86,5 +86,11 @@ class Settings(CommonSettings):
                                    doc="clock difference allowed between phone and till, in seconds")
     issuer_keys_refresh_s: int = setting("CITYTAP_MERCHANT_ISSUER_KEYS_REFRESH_S", positive_int, default=300,
                                          doc="how often the wallet's issuer keys are fetched again, in seconds")
+    in_doubt_after_s: int = setting(
+        "CITYTAP_MERCHANT_IN_DOUBT_AFTER_S", positive_int, default=60,
+        doc="seconds after which a charge or refund still PENDING (the wallet's answer lost, the till never retried) "
+            "is settled from the ledger instead of by a retry")
+    settle_interval_s: int = setting("CITYTAP_MERCHANT_SETTLE_INTERVAL_S", positive_int, default=30,
+                                     doc="how often charges and refunds left in doubt are looked for, in seconds")
     schema: str = setting("CITYTAP_MERCHANT_SCHEMA", schema_name, default="merchant",
                           doc="PostgreSQL schema the service owns (another only for isolated test instances)")

@@ -24,6 +24,7 @@ from libs.protos import money_pb
 from services.merchant.domain import PlannedTransfer
 
 _RETRYABLE = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+GET_TRANSFERS_MAX = 100  # the wallet's limit per GetTransfers call
 _ERROR_FOR_CODE: dict[grpc.StatusCode, type[errors.CityTapError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
     grpc.StatusCode.NOT_FOUND: errors.NotFound,
@@ -98,6 +99,16 @@ class WalletClient:
             owner_id=merchant_id))
         assert isinstance(answer, wallet_pb2.CreateAccountResponse)
         return answer.account.account_id
+
+    def posted(self, transfer_ids: Sequence[str]) -> set[str]:
+        """Which of `transfer_ids` the ledger has posted (GetTransfers, 100 ids a call)."""
+        found: set[str] = set()
+        for start in range(0, len(transfer_ids), GET_TRANSFERS_MAX):
+            answer = self._call("GetTransfers", wallet_pb2.GetTransfersRequest(
+                transfer_ids=list(transfer_ids[start:start + GET_TRANSFERS_MAX])))
+            assert isinstance(answer, wallet_pb2.GetTransfersResponse)
+            found.update(t.transfer_id for t in answer.transfers)
+        return found
 
     def post_batch(self, plan: Sequence[PlannedTransfer], currency: str) -> list[str]:
         """Post the planned transfers as one linked batch (all or none); their ids as posted."""

@@ -1,5 +1,6 @@
 """Read-only ledger exports: ListTransfers and ListAccounts, for settlement's reconciliation
-and the city's complete data export.
+and the city's complete data export; and GetTransfers, for a caller whose answer was lost
+(a till's charge left in doubt) to learn whether its transfers were posted.
 
 The settlement service never reads the wallet's tables (each service owns its schema); it
 asks through these two RPCs instead. Both page by the ledger's own order (a transfer's `seq`,
@@ -21,8 +22,10 @@ from psycopg_pool import ConnectionPool
 from citytap.wallet.v1 import wallet_pb2
 from libs import errors
 from services.wallet import convert
+from services.wallet.domain import check_id
 from services.wallet.repository import _ACCOUNT_COLUMNS, _TRANSFER_COLUMNS, Repository, _account
 
+GET_TRANSFERS_MAX = 100
 PAGE_SIZE_DEFAULT = 500
 PAGE_SIZE_MAX = 1000
 _SCHEMA = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
@@ -88,6 +91,22 @@ class LedgerExports:
         token = _token("seq", page[-1][0]) if len(rows) > size else ""
         return transfers, token
 
+    def get_transfers(self, transfer_ids: list[str]) -> list[wallet_pb2.Transfer]:
+        """The posted transfers among `transfer_ids`, in the order asked; unknown ids left out."""
+        if not 0 < len(transfer_ids) <= GET_TRANSFERS_MAX:
+            raise errors.InvalidArgument("INVALID_ARGUMENT", f"transfer_ids holds 1 to {GET_TRANSFERS_MAX} ids",
+                                         field="transfer_ids")
+        for index, transfer_id in enumerate(transfer_ids):
+            check_id(transfer_id, "transfer_ids", index=index)
+        if len(set(transfer_ids)) != len(transfer_ids):
+            raise errors.InvalidArgument("INVALID_ARGUMENT", "transfer_ids names an id twice", field="transfer_ids")
+        with self._pool.connection() as conn:
+            rows = conn.execute(f"SELECT {_TRANSFER_COLUMNS} FROM {self._schema}.transfers WHERE id = ANY(%s)",
+                                (transfer_ids,)).fetchall()
+            splits = self._repository._splits(conn, [r[0] for r in rows]) if rows else {}
+        found = {r[0]: convert.transfer_to_proto(Repository._transfer(r, splits.get(r[0], ()))) for r in rows}
+        return [found[t] for t in transfer_ids if t in found]
+
     def list_accounts(self, *, page_size: int, page_token: str) -> tuple[list[wallet_pb2.AccountBalance], str]:
         size = _page_size(page_size)
         after = _position("acct", page_token)
@@ -113,7 +132,7 @@ class LedgerExports:
 
 
 class ExportRpcs:
-    """The ListTransfers and ListAccounts RPCs, mixed into the wallet's servicer."""
+    """The ListTransfers, ListAccounts and GetTransfers RPCs, mixed into the wallet's servicer."""
 
     _exports: LedgerExports | None = None
 
@@ -141,3 +160,7 @@ class ExportRpcs:
         accounts, token = self._ledger_exports().list_accounts(page_size=request.page_size,
                                                                page_token=request.page_token)
         return wallet_pb2.ListAccountsResponse(accounts=accounts, next_page_token=token)
+
+    def GetTransfers(self, request: wallet_pb2.GetTransfersRequest,
+                     context: grpc.ServicerContext) -> wallet_pb2.GetTransfersResponse:
+        return wallet_pb2.GetTransfersResponse(transfers=self._ledger_exports().get_transfers(list(request.transfer_ids)))

@@ -39,6 +39,7 @@ from libs.protos import money_pb
 from libs.settings import load
 from libs.stripe_webhooks import sign_payload
 from services.merchant.bootstrap import build
+from services.wallet.exports import LedgerExports
 from services.merchant.settings import Settings
 from services.settlement.contracts import Contracts
 from services.settlement.domain import NewContractVersion
@@ -97,6 +98,7 @@ class MerchantStack:
                                revocations=MemoryDenyList(), clock=self.clock)
         wallet_servicer = WalletServicer(self.wallet.ledger)
         wallet_servicer.attach_devices(self.devices)
+        wallet_servicer.attach_exports(LedgerExports(self.wallet.pool, schema=self.schemas["wallet"]))
         self.wallet_server = create_server("127.0.0.1:0", [wallet_registration(wallet_servicer)],
                                            domain="wallet.citytap")
         self.wallet_server.start()
@@ -121,6 +123,8 @@ class MerchantStack:
             # Tests make contract versions and move the clock past them at once.
             "CITYTAP_MERCHANT_CONTRACT_CACHE_TTL_S": "0",
             "CITYTAP_FACE_ADDRESS": face_address, "CITYTAP_REDIS_URL": redis_url,
+            # Tests settle charges left in doubt themselves, at moments of their clock.
+            "CITYTAP_MERCHANT_SETTLE_INTERVAL_S": "3600",
         }
         self.settings = load(Settings, env)
         self.app = build(self.settings, clock=self.clock)

@@ -444,6 +444,68 @@ def test_a_charge_whose_wallet_answer_was_lost_is_finished_by_the_retry(merchant
     assert_ledger_sound(stack)
 
 
+def test_charges_and_refunds_a_till_never_retried_are_settled_from_the_ledger(
+        merchant_stack: MerchantStack, shop: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wallet's answer lost and the till gone: after in_doubt_after_s (60 s) retries stop
+    posting, and after the margin (the wallet's 5 s deadline + 30 s) settle_in_doubt confirms
+    what the ledger posted and removes what it did not, so nothing moved goes unrecorded."""
+    stack, (merchant_id, secret) = merchant_stack, shop
+    merchants = stack.app.merchants  # type: ignore[attr-defined]
+    rider, uid = stack.rider(funded_minor=10_000)
+    paid = stack.charge(secret, merchant_id, uid, 2_000, order_id="paid-earlier")
+    wallet = merchants._wallet
+    real_post = wallet.post_batch
+
+    def posted_but_lost(plan, currency):  # the wallet posts the batch, its answer never arrives
+        real_post(plan, currency)
+        raise errors.Unavailable("UNAVAILABLE", "the wallet's answer was lost")
+
+    def never_arrived(plan, currency):
+        raise errors.Unavailable("UNAVAILABLE", "the wallet could not be reached")
+
+    def request(order_id: str, amount: int) -> merchant_pb2.ChargeRequest:
+        return merchant_pb2.ChargeRequest(merchant_id=merchant_id, order_id=order_id, credential=card_credential(uid),
+                                          amount=money_pb(amount, "TWD"), description="oolong tea")
+
+    monkeypatch.setattr(wallet, "post_batch", posted_but_lost)
+    assert expect_error(stack.stub.Charge, request("gone-posted", 3_000), metadata=bearer(secret))[0] == \
+        grpc.StatusCode.UNAVAILABLE
+    assert expect_error(stack.stub.Refund, merchant_pb2.RefundRequest(
+        refund_id="refund-gone", merchant_id=merchant_id, charge_id=paid.charge_id, amount=money_pb(500, "TWD")),
+        metadata=bearer(secret))[0] == grpc.StatusCode.UNAVAILABLE
+    monkeypatch.setattr(wallet, "post_batch", never_arrived)
+    assert expect_error(stack.stub.Charge, request("gone-unposted", 1_000), metadata=bearer(secret))[0] == \
+        grpc.StatusCode.UNAVAILABLE
+    monkeypatch.setattr(wallet, "post_batch", real_post)
+    assert stack.balance(rider) == 10_000 - 2_000 - 3_000 + 500  # what the ledger did
+    assert sorted(stack.query("SELECT order_id, status FROM {m}.charges WHERE merchant_id = %s", (merchant_id,))) == [
+        ("gone-posted", "PENDING"), ("gone-unposted", "PENDING"), ("paid-earlier", "SUCCEEDED")]
+
+    assert merchants.settle_in_doubt() == {"charges_confirmed": 0, "charges_removed": 0, "refunds_confirmed": 0,
+                                           "refunds_removed": 0}  # too early: a till may still retry
+    stack.clock.advance(61)
+    code, reason, _ = expect_error(stack.stub.Charge, request("gone-unposted", 1_000), metadata=bearer(secret))
+    assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE")  # in doubt: the retry does not post it
+    assert stack.balance(rider) == 5_500
+    assert merchants.settle_in_doubt()["charges_removed"] == 0  # within the margin: nothing yet
+    stack.clock.advance(35)
+    assert merchants.settle_in_doubt() == {"charges_confirmed": 1, "charges_removed": 1, "refunds_confirmed": 1,
+                                           "refunds_removed": 0}
+    assert merchants.settle_in_doubt()["charges_confirmed"] == 0  # once only
+    assert sorted(stack.query("SELECT order_id, status, refunded_minor FROM {m}.charges WHERE merchant_id = %s",
+                              (merchant_id,))) == [
+        ("gone-posted", "SUCCEEDED", 0), ("paid-earlier", "PARTIALLY_REFUNDED", 500)]
+    events = [e.WhichOneof("payload") for e in stack.events(merchant_id)]
+    assert events.count("charge_succeeded") == 2 and events.count("charge_refunded") == 1
+    # The till's late retries now get the settled answers; the removed order id charges afresh.
+    assert stack.charge(secret, merchant_id, uid, 3_000, order_id="gone-posted").status == \
+        merchant_pb2.CHARGE_STATUS_SUCCEEDED
+    assert stack.refund(secret, merchant_id, paid.charge_id, 500, refund_id="refund-gone").refund.amount.amount_minor == 500
+    stack.charge(secret, merchant_id, uid, 1_000, order_id="gone-unposted")
+    assert stack.balance(rider) == 4_500
+    assert_ledger_sound(stack)
+
+
 def test_phones_pay_by_qr_once_and_by_nfc_until_revoked(merchant_stack: MerchantStack, shop: tuple[str, str]) -> None:
     stack, (merchant_id, secret) = merchant_stack, shop
     rider, _ = stack.rider()

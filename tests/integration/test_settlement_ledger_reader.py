@@ -1,6 +1,7 @@
-"""The wallet's read-only ListTransfers and ListAccounts (services/wallet/exports.py), read by
-settlement's WalletLedgerReader over a real in-process gRPC server on the real PostgreSQL:
-every transfer once across page boundaries, the time window, and bad requests refused."""
+"""The wallet's read-only ListTransfers, ListAccounts and GetTransfers (services/wallet/exports.py),
+read by settlement's WalletLedgerReader (and a plain stub) over a real in-process gRPC server on
+the real PostgreSQL: every transfer once across page boundaries, the time window, transfers by
+id, and bad requests refused."""
 
 from __future__ import annotations
 
@@ -69,8 +70,32 @@ def test_bad_requests_are_refused(served: tuple[WalletDb, str]) -> None:
         (stub.ListTransfers, wallet_pb2.ListTransfersRequest(start_at=timestamp_pb(now),
                                                              end_at=timestamp_pb(now - timedelta(seconds=1)))),
         (stub.ListAccounts, wallet_pb2.ListAccountsRequest(page_token="garbage")),
+        (stub.GetTransfers, wallet_pb2.GetTransfersRequest()),
+        (stub.GetTransfers, wallet_pb2.GetTransfersRequest(transfer_ids=[f"t-{n}" for n in range(101)])),
+        (stub.GetTransfers, wallet_pb2.GetTransfersRequest(transfer_ids=["t-1", "t-1"])),
+        (stub.GetTransfers, wallet_pb2.GetTransfersRequest(transfer_ids=["not an id!"])),
     ]:
         with pytest.raises(grpc.RpcError) as info:
             call(request)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert error_reason(info.value) == "INVALID_ARGUMENT"
+
+
+def test_get_transfers_answers_the_posted_ones_in_the_order_asked(served: tuple[WalletDb, str]) -> None:
+    db, address = served
+    rider = db.rider(funded_minor=10_000)
+    for n in range(3):
+        db.ledger.create_transfers([TransferRequest(
+            f"fare-{n}", rider, db.sys(AccountKind.OPERATOR_REVENUE), 100 + n, "TWD", TransferKind.FARE,
+            (SplitLine(Party.TRANSIT_OPERATOR, "metro", 90 + n, "TWD", "fare", 1),
+             SplitLine(Party.CITY, "city", 10, "TWD", "fare", 1)))])
+    stub = wallet_pb2_grpc.WalletServiceStub(connect(address, default_timeout_s=5))
+    asked = ["fare-2", "never-posted", "fare-0", f"fund-{rider}"]
+    found = stub.GetTransfers(wallet_pb2.GetTransfersRequest(transfer_ids=asked)).transfers
+    assert [t.transfer_id for t in found] == ["fare-2", "fare-0", f"fund-{rider}"]
+    assert [t.amount.amount_minor for t in found] == [102, 100, 10_000]
+    assert [s.amount.amount_minor for s in found[0].splits] == [92, 10]
+    assert list(stub.GetTransfers(wallet_pb2.GetTransfersRequest(transfer_ids=["never-posted"])).transfers) == []
+    full = [f"x-{n}" for n in range(99)] + ["fare-1"]  # the most one call may ask
+    assert [t.transfer_id for t in stub.GetTransfers(wallet_pb2.GetTransfersRequest(transfer_ids=full)).transfers] \
+        == ["fare-1"]

@@ -2060,6 +2060,54 @@ class ListTransfersResponse(_message.Message):
 Global___ListTransfersResponse: _TypeAlias = ListTransfersResponse  # noqa: Y015
 
 @_typing.final
+class GetTransfersRequest(_message.Message):
+    """GetTransfersRequest names the transfers to look up."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSFER_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def transfer_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """1 to 100 client-generated transfer ids, each at most once."""
+
+    def __init__(
+        self,
+        *,
+        transfer_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["transfer_ids", b"transfer_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTransfersRequest: _TypeAlias = GetTransfersRequest  # noqa: Y015
+
+@_typing.final
+class GetTransfersResponse(_message.Message):
+    """GetTransfersResponse holds the posted transfers among those asked for."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSFERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def transfers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Transfer]:
+        """The posted ones, in the order asked; an id the ledger does not have is left out."""
+
+    def __init__(
+        self,
+        *,
+        transfers: _abc.Iterable[Global___Transfer] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["transfers", b"transfers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTransfersResponse: _TypeAlias = GetTransfersResponse  # noqa: Y015
+
+@_typing.final
 class ListAccountsRequest(_message.Message):
     """ListAccountsRequest asks for a page of accounts."""
 

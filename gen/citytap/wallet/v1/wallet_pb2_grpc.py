@@ -155,6 +155,11 @@ class WalletServiceStub:
                 request_serializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.ListAccountsRequest.SerializeToString,
                 response_deserializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.ListAccountsResponse.FromString,
                 _registered_method=True)
+        self.GetTransfers = channel.unary_unary(
+                '/citytap.wallet.v1.WalletService/GetTransfers',
+                request_serializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.GetTransfersRequest.SerializeToString,
+                response_deserializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.GetTransfersResponse.FromString,
+                _registered_method=True)
 
 
 class WalletServiceServicer:
@@ -327,6 +332,13 @@ class WalletServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTransfers(self, request, context):
+        """GetTransfers returns those of the given transfer ids the ledger has posted (with split lines), so a caller whose answer was lost can tell whether its transfer happened; read-only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WalletServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -444,6 +456,11 @@ def add_WalletServiceServicer_to_server(servicer, server):
                     servicer.ListAccounts,
                     request_deserializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.ListAccountsRequest.FromString,
                     response_serializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.ListAccountsResponse.SerializeToString,
+            ),
+            'GetTransfers': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTransfers,
+                    request_deserializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.GetTransfersRequest.FromString,
+                    response_serializer=citytap_dot_wallet_dot_v1_dot_wallet__pb2.GetTransfersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1073,6 +1090,33 @@ class WalletService:
             '/citytap.wallet.v1.WalletService/ListAccounts',
             citytap_dot_wallet_dot_v1_dot_wallet__pb2.ListAccountsRequest.SerializeToString,
             citytap_dot_wallet_dot_v1_dot_wallet__pb2.ListAccountsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTransfers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/citytap.wallet.v1.WalletService/GetTransfers',
+            citytap_dot_wallet_dot_v1_dot_wallet__pb2.GetTransfersRequest.SerializeToString,
+            citytap_dot_wallet_dot_v1_dot_wallet__pb2.GetTransfersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -85,6 +85,8 @@ class WalletServiceStub:
     """ListTransfers returns posted transfers with their split lines, oldest first, for settlement's reconciliation and the data export; read-only."""
     ListAccounts: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.ListAccountsRequest, _wallet_pb2.ListAccountsResponse]
     """ListAccounts returns every account of the ledger with its posted balance, for the data export; read-only."""
+    GetTransfers: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.GetTransfersRequest, _wallet_pb2.GetTransfersResponse]
+    """GetTransfers returns those of the given transfer ids the ledger has posted (with split lines), so a caller whose answer was lost can tell whether its transfer happened; read-only."""
 
 @_typing.type_check_only
 class WalletServiceAsyncStub(WalletServiceStub):
@@ -143,6 +145,8 @@ class WalletServiceAsyncStub(WalletServiceStub):
     """ListTransfers returns posted transfers with their split lines, oldest first, for settlement's reconciliation and the data export; read-only."""
     ListAccounts: _aio.UnaryUnaryMultiCallable[_wallet_pb2.ListAccountsRequest, _wallet_pb2.ListAccountsResponse]  # type: ignore[assignment]
     """ListAccounts returns every account of the ledger with its posted balance, for the data export; read-only."""
+    GetTransfers: _aio.UnaryUnaryMultiCallable[_wallet_pb2.GetTransfersRequest, _wallet_pb2.GetTransfersResponse]  # type: ignore[assignment]
+    """GetTransfers returns those of the given transfer ids the ledger has posted (with split lines), so a caller whose answer was lost can tell whether its transfer happened; read-only."""
 
 class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
     """WalletService owns rider accounts and their credentials, and keeps the double-entry ledger of record.
@@ -336,5 +340,13 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_wallet_pb2.ListAccountsResponse, _abc.Awaitable[_wallet_pb2.ListAccountsResponse]]:
         """ListAccounts returns every account of the ledger with its posted balance, for the data export; read-only."""
+
+    @_abc_1.abstractmethod
+    def GetTransfers(
+        self,
+        request: _wallet_pb2.GetTransfersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_wallet_pb2.GetTransfersResponse, _abc.Awaitable[_wallet_pb2.GetTransfersResponse]]:
+        """GetTransfers returns those of the given transfer ids the ledger has posted (with split lines), so a caller whose answer was lost can tell whether its transfer happened; read-only."""
 
 def add_WalletServiceServicer_to_server(servicer: WalletServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
