@@ -2068,7 +2068,7 @@ class GetTransfersRequest(_message.Message):
     TRANSFER_IDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def transfer_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """1 to 100 client-generated transfer ids, each at most once."""
+        """The client-generated transfer ids to look up: 1 to 100, each at most once."""
 
     def __init__(
         self,
