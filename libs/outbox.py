@@ -25,7 +25,7 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from libs.events import CONTENT_TYPE, Publisher, event_type
-from libs.settings import positive_int
+from libs.settings import int_between
 
 log = logging.getLogger("citytap.outbox")
 
@@ -35,14 +35,7 @@ RELAY_BATCH_MAX = 500
 # batch; at 80 taps/s, going from 50 ms to 200 ms cut the stack's CPU per tap by a fifth.
 IDLE_WAIT_MS_DEFAULT = 200
 IDLE_WAIT_MS_MAX = 1000
-
-
-def idle_wait_ms(text: str) -> int:
-    """A setting's relay idle wait: 1 to IDLE_WAIT_MS_MAX milliseconds."""
-    value = positive_int(text)
-    if value > IDLE_WAIT_MS_MAX:
-        raise ValueError(f"expected at most {IDLE_WAIT_MS_MAX} ms")
-    return value
+idle_wait_ms = int_between(1, IDLE_WAIT_MS_MAX, "ms")  # the setting's parser
 
 
 def ensure_table(conn: psycopg.Connection, schema: str) -> None:

@@ -124,6 +124,19 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0)
 
 
+def int_between(minimum: int, maximum: int, unit: str = "") -> Callable[[str], int]:
+    """A parser of whole numbers from `minimum` to `maximum`, both included."""
+    suffix = f" {unit}" if unit else ""
+
+    def parse(text: str) -> int:
+        value = _int_at_least(text, minimum)
+        if value > maximum:
+            raise ValueError(f"expected at most {maximum}{suffix}")
+        return value
+
+    return parse
+
+
 SECRET_KEY_BYTES_MIN = 32
 
 

@@ -10,7 +10,7 @@ from datetime import time
 from libs.events import FETCH_WAIT_MS_MAX
 from libs.money import check_currency
 from libs.service import CommonSettings
-from libs.settings import (clock_time as local_time, host_port, non_negative_int, positive_int, repo_path,
+from libs.settings import (clock_time as local_time, host_port, int_between, non_negative_int, positive_int, repo_path,
                            schema_name, setting, timezone_name, url)
 
 _PARTY_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -49,11 +49,7 @@ def party_accounts(text: str) -> dict[tuple[str, str], str]:
     return result
 
 
-def fetch_wait_ms(text: str) -> int:
-    value = non_negative_int(text)
-    if value > FETCH_WAIT_MS_MAX:
-        raise ValueError(f"expected at most {FETCH_WAIT_MS_MAX} ms")
-    return value
+fetch_wait_ms = int_between(0, FETCH_WAIT_MS_MAX, "ms")
 
 
 def currency_code(text: str) -> str:

@@ -49,3 +49,13 @@ def test_a_real_service_settings_class_reports_missing_variables() -> None:
                  "CITYTAP_STRIPE_API_BASE", "CITYTAP_STRIPE_API_KEY"):
         assert name in str(info.value)
     assert "CITYTAP_LOG_LEVEL" not in str(info.value)  # it has a default
+
+
+def test_int_between_takes_both_edges_and_names_the_range() -> None:
+    from libs.settings import int_between
+
+    parse = int_between(1, 1000, "ms")
+    assert (parse("1"), parse("1000")) == (1, 1000)
+    for bad, message in (("0", "1 or greater"), ("1001", "at most 1000 ms"), ("2.5", "whole number")):
+        with pytest.raises(ValueError, match=message):
+            parse(bad)
