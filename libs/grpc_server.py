@@ -164,14 +164,21 @@ def create_server(
     *,
     domain: str,
     max_workers: int = 16,
+    max_in_flight: int | None = None,
 ) -> Server:
     """Build a server bound to `address` (port 0 picks a free port) with health, reflection
     and the call interceptor. The server is not started; health starts as NOT_SERVING until
-    the caller has checked its dependencies and calls `set_serving(True)`."""
+    the caller has checked its dependencies and calls `set_serving(True)`.
+
+    `max_in_flight` bounds the calls being handled or waiting for a worker thread: one more
+    is refused at once with RESOURCE_EXHAUSTED (by gRPC itself, before any of our code), so
+    an overloaded server answers quickly instead of letting a queue grow until every caller's
+    deadline has passed. None: unbounded."""
     grpc_server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=domain),
         interceptors=[_CallInterceptor(domain)],
         options=[("grpc.so_reuseport", 0)],
+        maximum_concurrent_rpcs=max_in_flight,
     )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)

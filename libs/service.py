@@ -180,12 +180,14 @@ def topic_for(service_name: str) -> str:
 
 
 def open_standard(settings: CommonSettings, name: str, migrations: Path, registrations: list[Any], *,
-                  topic: str | None = None) -> tuple[BaseApp, Any, Publisher]:
+                  topic: str | None = None, max_in_flight: int | None = None) -> tuple[BaseApp, Any, Publisher]:
     """The part every service's composition root shares: a gRPC server on the listen
     address, its schema (`name`) migrated and pooled, its topic created, and its outbox
-    relay. `topic` defaults to the service's `citytap.<name>.v1.events`."""
+    relay. `topic` defaults to the service's `citytap.<name>.v1.events`; `max_in_flight` as in
+    `libs.grpc_server.create_server`."""
     domain = (topic or topic_for(name)).split(".")[1]
-    server = create_server(settings.listen_address, registrations, domain=f"{domain}.citytap")
+    server = create_server(settings.listen_address, registrations, domain=f"{domain}.citytap",
+                           max_in_flight=max_in_flight)
     app = BaseApp(server)
     pool = open_postgres(app, settings.postgres_dsn, schema=name, migrations=migrations)
     publisher = open_publisher(app, settings.kafka_bootstrap, client_id=f"citytap-{name}",

@@ -133,7 +133,7 @@ def build(settings: Settings, *, clock: Callable[[], datetime] = utc_now) -> Bas
                                                    "gates": len(gates)}})
     servicer = FareGateServicer()
     app, pool, _publisher = open_standard(settings, settings.schema, MIGRATIONS, registrations=[registration(servicer)],
-                                          topic=TOPIC)
+                                          topic=TOPIC, max_in_flight=settings.max_in_flight)
     hot_state = HotState(open_redis(app, settings.redis_url), cache_ttl_s=settings.credential_cache_ttl_s,
                          deny_list_key=settings.deny_list_key)
     channel = connect(settings.wallet_address, default_timeout_s=settings.wallet_timeout_ms / 1000)

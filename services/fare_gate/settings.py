@@ -14,7 +14,7 @@ from pathlib import Path
 
 from libs.contract_cache import cache_ttl_s
 from libs.service import CommonSettings
-from libs.settings import (SecretKey, SettingsError, hex_key, host_port, non_negative_int, positive_int, repo_path,
+from libs.settings import (SecretKey, SettingsError, hex_key, host_port, int_between, non_negative_int, positive_int, repo_path,
                            schema_name, setting, url)
 
 # The repository root: relative paths in settings are taken from here, never from the
@@ -88,6 +88,10 @@ class Settings(CommonSettings):
                                       doc="GTFS-Fares fare_media_id card taps are priced with; none: no media")
     wallet_timeout_ms: int = setting("CITYTAP_FARE_GATE_WALLET_TIMEOUT_MS", positive_int, default=200,
                                      doc="deadline of each wallet call on the tap path, in milliseconds")
+    max_in_flight: int = setting(
+        "CITYTAP_FARE_GATE_MAX_IN_FLIGHT", int_between(1, 1000), default=20,
+        doc="calls the fare gate handles or queues at once (16 worker threads); one more is refused at once with "
+            "RESOURCE_EXHAUSTED, so an overloaded gate hears quickly and decides offline")
     double_tap_window_s: int = setting("CITYTAP_FARE_GATE_DOUBLE_TAP_WINDOW_S", non_negative_int, default=10,
                                        doc="a repeat of an opened tap at the same gate within this many seconds "
                                            "opens again for nothing; 0 turns it off")

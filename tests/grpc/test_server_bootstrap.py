@@ -143,3 +143,40 @@ def test_stop_drains_and_reports_not_serving(running: tuple[Server, Echo]) -> No
         with pytest.raises(grpc.RpcError) as info:
             health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=0.5)
     assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def test_a_bounded_server_refuses_the_call_beyond_its_bound_at_once() -> None:
+    """max_in_flight: with every slot taken by a call still being handled, the next call is
+    refused RESOURCE_EXHAUSTED straight away; once a slot frees, calls are served again."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    release = threading.Event()
+    started = threading.Semaphore(0)
+
+    class Slow(Echo):
+        def echo(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+            if request == b"hold":
+                started.release()
+                release.wait(10)
+            return request
+
+    server = create_server("127.0.0.1:0", [Registration(_add, Slow(), SERVICE)], domain="test.citytap",
+                           max_workers=4, max_in_flight=2)
+    server.start()
+    server.set_serving(True)
+    pool = ThreadPoolExecutor(max_workers=2)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            held = [pool.submit(_call, channel, b"hold", timeout=10) for _ in range(2)]
+            assert started.acquire(timeout=5) and started.acquire(timeout=5)  # both slots busy
+            with pytest.raises(grpc.RpcError) as info:
+                _call(channel, b"one more", timeout=5)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            release.set()
+            assert [f.result(timeout=10) for f in held] == [b"hold", b"hold"]
+            assert _call(channel, b"served again", timeout=5) == b"served again"
+    finally:
+        release.set()
+        pool.shutdown(wait=True)
+        server.stop(0)
