@@ -25,6 +25,7 @@ the demo use it to play Stripe against a real endpoint.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import json
@@ -35,10 +36,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 log = logging.getLogger("citytap.stripe_webhooks")
+T = TypeVar("T")
 
 WEBHOOK_PATH = "/stripe/webhook"
 # Connections served at once, as a multiple of the deliveries processed at once: the rest
@@ -64,6 +66,24 @@ def _split_listen(listen: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise ValueError(f"expected host:port, got {listen!r}")
     return host.strip("[]"), int(port)
+
+
+# The local stacks' ports lie inside Linux's ephemeral range, so an outgoing connection of
+# some other process can hold one for a moment (seen once: a service starting just as a test
+# run's clients closed). Binding is retried for this long before the error stands.
+BIND_RETRY_S = 5.0
+
+
+def _bind(make: Callable[[], T]) -> T:
+    """`make()`, retried while its address is in use, for up to BIND_RETRY_S."""
+    deadline = time.monotonic() + BIND_RETRY_S
+    while True:
+        try:
+            return make()
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -159,7 +179,8 @@ class WebhookServer:
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - we log one line ourselves
                 return
 
-        self._httpd = _HTTPServer(_split_listen(listen), RequestHandler, concurrency_max * CONNECTIONS_PER_SLOT)
+        self._httpd = _bind(lambda: _HTTPServer(_split_listen(listen), RequestHandler,
+                                                concurrency_max * CONNECTIONS_PER_SLOT))
         self.port: int = self._httpd.server_address[1]
         self._thread: threading.Thread | None = None
         self._thread_name = thread_name
