@@ -36,8 +36,6 @@ This module's `PhoneState` is, beside hot_state.py, the one place fare-gate talk
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import threading
 import time
@@ -49,7 +47,7 @@ import redis
 
 from libs import device_credentials as dc
 from libs import errors, qr_nonces
-from services.fare_gate.domain import CredentialKind, Tap, credential_hash
+from services.fare_gate.domain import CredentialKind, Tap, credential_hash, pseudonym
 from services.fare_gate.face_client import MATCHED, FaceClient, unsupported
 from services.fare_gate.hot_state import HotState
 from services.fare_gate.wallet_client import WalletClient, WalletRefusal
@@ -92,11 +90,6 @@ class Resolved:
     account_id: str | None
     rider_category: str = ""
     blocked: bool = False
-
-
-def pseudonym(key: bytes, kind: str, value: bytes) -> bytes:
-    """HMAC-SHA256(key, kind + ":" + value): a credential's stable, unlinkable name."""
-    return hmac.new(key, kind.encode() + b":" + value, hashlib.sha256).digest()
 
 
 class PhoneState:

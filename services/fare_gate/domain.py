@@ -302,12 +302,17 @@ def event_id_for(subject: str, kind: str) -> str:
     return str(uuid.uuid5(_NAMESPACE, f"event:{kind}:{subject}"))
 
 
+def pseudonym(key: bytes, kind: str, value: bytes) -> bytes:
+    """HMAC-SHA256(key, kind + ":" + value): a credential's stable, unlinkable name."""
+    return hmac.new(key, kind.encode() + b":" + value, hashlib.sha256).digest()
+
+
 def credential_hash(key: bytes, card_uid: bytes) -> bytes:
-    """The pseudonym of a card: HMAC-SHA256 under fare-gate's credential key.
+    """The pseudonym of a card under fare-gate's credential key.
 
     Used as the cache key, in the double-tap index and in fingerprints, so no card UID is
     ever stored or logged in clear."""
-    return hmac.new(key, b"card:" + card_uid, hashlib.sha256).digest()
+    return pseudonym(key, "card", card_uid)
 
 
 def tap_fingerprint(tap: Tap, card_hash: bytes) -> bytes:

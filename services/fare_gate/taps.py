@@ -118,8 +118,6 @@ class TapService:
         self.config = config
         self._repo = repository
         self._wallet = wallet
-        self._hot = hot_state
-        self._key = credential_key
         self._clock = clock
         self._splitter = splitter
         # Without a resolver of its own the service takes cards only (unit tests build it so).
