@@ -20,6 +20,12 @@ What it does, in order (see services/fare_gate/EMULATOR.md for the method):
    rate is the one sustained (target >= 500 taps/s).
 5. A table, `.local/bench/taps.json`, and `.local/bench/tap_latency.png`.
 
+Each phase also prints the stack's CPU per answered call, by process (loadtests/stack_cpu.py
+reads /proc for the processes under `$CITYTAP_STATE_DIR/run/`, PostgreSQL's backends
+included, and this process as the load generator), and what the machine's CPUs could carry
+at that cost. Latency on the shared box moves with the neighbours; CPU per tap much less, so
+it is the figure to compare across runs and changes.
+
 Riders alternate entry and exit across the demo city's metro stations (two gates each), so
 every tap goes through the real entry (hold) and exit (price, post) paths. Taps are sent at
 the current time. Before each phase the bench waits (bounded) for the outbox relays of
@@ -50,6 +56,7 @@ from psycopg import sql
 from libs.grpc_health_probe import check
 from libs.postgres import create_pool
 from libs.settings import load
+from loadtests.stack_cpu import LOAD_GENERATOR, CallCost, StackCpu, call_cost
 from services.fare_gate.emulator.gate import CallFailed, FareGateClient, WalletClient
 from services.fare_gate.emulator.load import LoadShape, rider_setups, run_baseline, run_taps, synthetic_riders
 from services.fare_gate.emulator.openloop import RunResult
@@ -146,6 +153,7 @@ class Step:
     result: RunResult
     client_cpu_pct: float
     outbox_wait_s: float  # settling before the step: outbox relays and the server's queue
+    cost: CallCost | None = None  # the stack's CPU per tap in this step
 
     @property
     def passed(self) -> bool:
@@ -175,6 +183,7 @@ class TapBench:
         self.funder: LedgerFunder | None = None
         self.pool: RiderPool | None = None
         self.phase_counter = 0
+        self.stack_cpu = StackCpu.from_environment()
 
     def close(self) -> None:
         self.client.close()
@@ -243,21 +252,35 @@ class TapBench:
             time.sleep(0.1)
         return time.monotonic() - started
 
-    def _measure(self, run: Any) -> tuple[RunResult, float, float]:
+    def _measure(self, run: Any) -> tuple[RunResult, float, float, CallCost | None]:
         waited_s = self.wait_outbox_drained() + self.wait_server_idle()
+        before = self.stack_cpu.snapshot() if self.stack_cpu else None
         cpu0, wall0 = time.process_time(), time.monotonic()
         result = run()
-        cpu_pct = 100.0 * (time.process_time() - cpu0) / max(1e-9, time.monotonic() - wall0)
-        return result, cpu_pct, waited_s
+        client_cpu_s = time.process_time() - cpu0
+        cpu_pct = 100.0 * client_cpu_s / max(1e-9, time.monotonic() - wall0)
+        cost = None
+        if self.stack_cpu is not None and before is not None:
+            # The events of this phase's calls are published and consumed after the last
+            # answer; waiting for the relays keeps most of that work in this phase's count.
+            self.wait_outbox_drained()
+            used = self.stack_cpu.used_s(before, self.stack_cpu.snapshot())
+            used[LOAD_GENERATOR] = client_cpu_s
+            # Per answered call: a call refused at once costs next to nothing, and dividing by
+            # calls sent would flatter an overloaded phase. The warm-up's calls (sent, not
+            # measured) count at the measured part's answer rate.
+            answered_share = result.answered / result.scheduled if result.scheduled else 0.0
+            cost = call_cost(used, result.answered + round(result.warmup_s * result.rate_per_s * answered_share))
+        return result, cpu_pct, waited_s, cost
 
-    def taps(self, rate_per_s: float, duration_s: float) -> tuple[RunResult, float, float]:
+    def taps(self, rate_per_s: float, duration_s: float) -> tuple[RunResult, float, float, CallCost | None]:
         assert self.pool is not None
         self.phase_counter += 1
         shape = LoadShape(rate_per_s, duration_s, WARMUP_S, self.deadline_s)
         prefix = f"{self.run_id}-p{self.phase_counter}"
         return self._measure(lambda: run_taps(self.client, self.pool, shape, tap_id_prefix=prefix))
 
-    def baseline(self, rate_per_s: float, duration_s: float) -> tuple[RunResult, float, float, str]:
+    def baseline(self, rate_per_s: float, duration_s: float) -> tuple[RunResult, float, str, CallCost | None]:
         method = "config"
         try:
             self.client.gate_config(self.gates[0].gate_id)
@@ -265,9 +288,9 @@ class TapBench:
             self.say(f"baseline: GetGateConfig failed ({exc.describe()}); using the health check instead")
             method = "health"
         shape = LoadShape(rate_per_s, duration_s, WARMUP_S, self.deadline_s)
-        result, cpu_pct, waited_s = self._measure(
+        result, cpu_pct, _, cost = self._measure(
             lambda: run_baseline(self.client, shape, method=method, gate_id=self.gates[0].gate_id))
-        return result, cpu_pct, waited_s, method
+        return result, cpu_pct, method, cost
 
     def run(self) -> dict[str, Any]:
         args = self.args
@@ -279,34 +302,40 @@ class TapBench:
         self.setup()
 
         self.say(f"\n== baseline at {PHASE_RATE_PER_S:g} calls/s for {args.phase_s:g} s")
-        base, base_cpu, _, base_method = self.baseline(PHASE_RATE_PER_S, args.phase_s)
+        base, base_cpu, base_method, base_cost = self.baseline(PHASE_RATE_PER_S, args.phase_s)
         for line in format_run(base, what="calls"):
             self.say(line)
+        if base_cost is not None:
+            self.say("  " + base_cost.describe("call"))
 
         self.say(f"\n== phase A: Tap at {PHASE_RATE_PER_S:g} taps/s for {args.phase_s:g} s")
-        phase, phase_cpu, phase_wait = self.taps(PHASE_RATE_PER_S, args.phase_s)
+        phase, phase_cpu, phase_wait, phase_cost = self.taps(PHASE_RATE_PER_S, args.phase_s)
         for line in format_run(phase):
             self.say(line)
+        if phase_cost is not None:
+            self.say("  " + phase_cost.describe("tap"))
 
         steps: list[Step] = []
         if not args.no_steps:
             self.say(f"\n== steps: {args.step_s:g} s each; pass = p99 <= {STEP_P99_MS_MAX:g} ms and no errors")
             for rate in args.rates:
-                result, cpu_pct, waited_s = self.taps(rate, args.step_s)
-                step = Step(rate, result, cpu_pct, waited_s)
+                result, cpu_pct, waited_s, cost = self.taps(rate, args.step_s)
+                step = Step(rate, result, cpu_pct, waited_s, cost)
                 steps.append(step)
                 summary = result.latency_summary()
                 self.say(f"  {rate:>6g}/s  p50 {ms(summary.p50_ms):>7}  p99 {ms(summary.p99_ms):>7}  "
                          f"p99.9 {ms(summary.p999_ms):>7}  errors {result.error_count:>5}  "
-                         f"answered {result.achieved_rate_per_s:7.1f}/s  {'pass' if step.passed else 'FAIL'}")
+                         f"answered {result.achieved_rate_per_s:7.1f}/s  {'pass' if step.passed else 'FAIL'}"
+                         + (f"  CPU {cost.total_ms:.1f} ms/tap" if cost else ""))
                 if not step.passed and not args.keep_going:
                     break
-        return self.report(base, base_cpu, base_method, phase, phase_cpu, phase_wait, steps)
+        return self.report(base, base_cpu, base_method, base_cost, phase, phase_cpu, phase_wait, phase_cost, steps)
 
     # --- report ---
 
-    def report(self, base: RunResult, base_cpu: float, base_method: str, phase: RunResult, phase_cpu: float,
-               phase_wait: float, steps: list[Step]) -> dict[str, Any]:
+    def report(self, base: RunResult, base_cpu: float, base_method: str, base_cost: CallCost | None,
+               phase: RunResult, phase_cpu: float, phase_wait: float, phase_cost: CallCost | None,
+               steps: list[Step]) -> dict[str, Any]:
         args = self.args
         tap, ref = phase.latency_summary(), base.latency_summary()
 
@@ -345,6 +374,11 @@ class TapBench:
                 self.say(f"  (steps of {args.step_s:g} s: a quick look, not the 60 s the target asks for)")
         if phase.mix:
             self.say(f"tap mix in phase A: {', '.join(f'{k} {v}' for k, v in phase.mix.most_common())}")
+        if phase_cost is not None:
+            self.say(f"{phase_cost.describe('tap')} (phase A; the load generator is this process)")
+            if base_cost is not None and base_cost.total_ms > 0:
+                self.say(f"  against the baseline's {base_cost.total_ms:.2f} ms per GetGateConfig call: "
+                         f"{phase_cost.total_ms / base_cost.total_ms:.1f}x")
 
         document: dict[str, Any] = {
             "run_id": self.run_id, "fare_gate_address": self.fare_gate_address, "seed": self.seed,
@@ -352,13 +386,16 @@ class TapBench:
             "settings": {"phase_s": args.phase_s, "step_s": args.step_s, "rates": list(args.rates),
                          "riders": args.riders, "gates": len(self.gates), "deadline_ms": args.deadline_ms,
                          "warmup_s": WARMUP_S, "quick": args.quick},
-            "baseline": {"method": base_method, **run_to_dict(base), "client_cpu_pct": round(base_cpu, 1)},
+            "baseline": {"method": base_method, **run_to_dict(base), "client_cpu_pct": round(base_cpu, 1),
+                         "stack_cpu": base_cost.to_dict() if base_cost else None},
             "phase_a": {**run_to_dict(phase), "client_cpu_pct": round(phase_cpu, 1),
                         "settle_wait_s": round(phase_wait, 2),
+                        "stack_cpu": phase_cost.to_dict() if phase_cost else None,
                         "ratio_to_baseline": {"p50": ratio(tap.p50_ms, ref.p50_ms), "p99": ratio(tap.p99_ms, ref.p99_ms)},
                         "target_p99_ms": TARGET_P99_MS_AT_200, "pass": p99_ok},
             "steps": [{**run_to_dict(s.result), "pass": s.passed, "client_cpu_pct": round(s.client_cpu_pct, 1),
-                       "settle_wait_s": round(s.outbox_wait_s, 2)} for s in steps],
+                       "settle_wait_s": round(s.outbox_wait_s, 2),
+                       "stack_cpu": s.cost.to_dict() if s.cost else None} for s in steps],
             "sustained_rate_per_s": sustained if steps else None,
             "sustained_target_per_s": TARGET_SUSTAINED_PER_S,
             "sustained_pass": sustained_ok if steps else None,
