@@ -159,6 +159,40 @@ port_free() {
   fi
 }
 
+# reserve_ports PORT...: keep the kernel from handing these ports out as the local end of
+# outgoing connections. Linux picks those from net.ipv4.ip_local_port_range (32768-60999 by
+# default), which holds the services' gRPC and webhook ports; an outgoing connection that
+# happens to take one (a test's, a benchmark's) makes the service's bind fail with "address
+# already in use". Reserved ports can still be listened on. Needs root (as on our machines);
+# without it the ports stay unreserved and a note says so. Ports outside the range are skipped.
+reserve_ports() {
+  local file=/proc/sys/net/ipv4/ip_local_reserved_ports range lo hi port current want=()
+  [[ -r /proc/sys/net/ipv4/ip_local_port_range && -e "$file" ]] || return 0
+  read -r lo hi </proc/sys/net/ipv4/ip_local_port_range
+  current="$(cat "$file" 2>/dev/null || true)"
+  for port in "$@"; do
+    ((port >= lo && port <= hi)) || continue
+    # The file lists single ports and ranges, comma-separated.
+    local listed=0
+    for range in ${current//,/ }; do
+      if [[ "$range" == *-* ]]; then
+        ((port >= ${range%-*} && port <= ${range#*-})) && listed=1
+      elif [[ "$range" == "$port" ]]; then
+        listed=1
+      fi
+    done
+    ((listed)) || want+=("$port")
+  done
+  ((${#want[@]})) || return 0
+  local joined
+  joined="$(IFS=,; printf '%s' "${want[*]}")"
+  if [[ -w "$file" ]] && printf '%s\n' "${current:+$current,}$joined" >"$file" 2>/dev/null; then
+    log "reserved ports $joined (inside the ephemeral range $lo-$hi) against outgoing connections"
+  else
+    log "note: could not reserve ports $joined against outgoing connections (needs root); a service's bind may meet one in use"
+  fi
+}
+
 # wait_ready NAME PIDFILE TIMEOUT_S LOGFILE CHECK...: poll CHECK until it succeeds; fail if
 # the process exits or TIMEOUT_S passes (then the process is stopped, the pid file removed
 # and the log's tail shown). WAIT_LOG_LINES (default 30) sets how much of the log.

@@ -61,6 +61,9 @@ cmd_up() {
   local t0 name pid started=()
   t0="$(now_ms)"
   log "services up: stack '$CITYTAP_STACK', python $CITYTAP_PYTHON"
+  local ports=()
+  for name in "${SERVICES[@]}"; do ports+=("$(svc_port "$name")"); done
+  reserve_ports "${ports[@]}" "$CITYTAP_WALLET_WEBHOOK_PORT" "$CITYTAP_MERCHANT_WEBHOOK_PORT"
   for name in "${SERVICES[@]}"; do
     pid="$(svc_pid "$name")"
     if [[ -n "$pid" ]]; then
