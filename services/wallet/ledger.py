@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -156,6 +156,14 @@ class _AfterCommit:
     error: errors.CityTapError
 
 
+@dataclass(frozen=True, slots=True)
+class _OnCommit(Generic[T]):
+    """Returned by a transaction body run with `commit_in_flight`: its last writes and the
+    COMMIT were only queued, and `finish` reads their results once the commit is done."""
+
+    finish: Callable[[], T]
+
+
 class Ledger:
     """The wallet's use cases over one PostgreSQL schema, an outbox topic and a deny list."""
 
@@ -179,11 +187,29 @@ class Ledger:
             raise ValueError("the wallet's clock must return aware datetimes")
         return now
 
-    def _transaction(self, work: Callable[[psycopg.Connection], T], *, retry_unique: Collection[str] = ()) -> T:
+    def _transaction(self, work: Callable[[psycopg.Connection], T], *, retry_unique: Collection[str] = (),
+                     commit_in_flight: bool = False) -> T:
+        """Run `work` in a transaction, retried on deadlocks and serialization failures.
+
+        With `commit_in_flight` the transaction runs in pipeline mode: reads still wait for
+        their results, but writes `work` queues without reading them go out together with the
+        COMMIT, in one round trip, and `work` returns an `_OnCommit` to read them afterwards.
+        The row locks those writes take are then held only while the server runs them, not
+        while the answer travels back and the Python thread waits for a core to send COMMIT:
+        under load, that wait was what queued every exit's post behind the hot system
+        accounts. Checks that must hold before the commit go to the server too
+        (`Repository.assert_transfer_balances`)."""
         for attempt in range(1, TX_ATTEMPTS_MAX + 1):
             try:
-                with self._pool.connection() as conn, conn.transaction():
-                    result = work(conn)
+                with self._pool.connection() as conn:
+                    if commit_in_flight:
+                        with conn.pipeline(), conn.transaction():
+                            result = work(conn)
+                        if isinstance(result, _OnCommit):
+                            result = result.finish()  # committed; reads what the commit's sync brought
+                    else:
+                        with conn.transaction():
+                            result = work(conn)
             except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure) as exc:
                 if attempt == TX_ATTEMPTS_MAX:
                     raise errors.Unavailable("UNAVAILABLE", "the ledger is busy; retry with the same ids") from exc
@@ -769,26 +795,35 @@ class Ledger:
             posted = replace(hold, status=HoldStatus.POSTED, posted_amount_minor=amount, transfer_id=hold.hold_id,
                              resolved_at=now, resolution_hash=fingerprint)
             key = event_account_key([(accounts[hold.debit_account_id], accounts[hold.credit_account_id])])
-            # The event, the resolution, the transfer and its linked ones go in one round trip;
-            # the transfers' triggers take the system accounts' row locks, held from there to
-            # the commit, one more round trip later.
-            with conn.pipeline():
-                self._emit(conn, key, now, hold_posted=events_pb2.HoldPosted(
-                    hold=convert.hold_to_proto(posted),
-                    transfer=convert.transfer_to_proto(_as_posted(transfer_request, fingerprint, now,
-                                                                  hold_id=hold.hold_id)),
-                    linked_transfers=[convert.transfer_to_proto(_as_posted(t, h, now))
-                                      for t, h in zip(request.linked, linked_hashes)]))
-                self._repo.insert_resolution(conn, hold.hold_id, HoldStatus.POSTED, now, posted_amount_minor=amount,
-                                             transfer_id=hold.hold_id, request_hash=fingerprint)
-                transfer, *linked = self._repo.insert_transfers(
-                    conn, [transfer_request, *request.linked], [fingerprint, *linked_hashes], now,
-                    hold_ids=[hold.hold_id] + [None] * len(request.linked))
-            _assert_balances([transfer, *linked], planned)
             self._report(available, self._available(conn, [hold.debit_account_id], book, riders_only=False))
-            return posted, transfer, linked
+            # The event, the resolution, the transfer and its linked ones, the balance check and
+            # the COMMIT go in one round trip (`commit_in_flight`): the transfers' triggers take
+            # the system accounts' row locks, and the server releases them as soon as it has
+            # run the batch.
+            self._emit(conn, key, now, hold_posted=events_pb2.HoldPosted(
+                hold=convert.hold_to_proto(posted),
+                transfer=convert.transfer_to_proto(_as_posted(transfer_request, fingerprint, now,
+                                                              hold_id=hold.hold_id)),
+                linked_transfers=[convert.transfer_to_proto(_as_posted(t, h, now))
+                                  for t, h in zip(request.linked, linked_hashes)]))
+            self._repo.insert_resolution(conn, hold.hold_id, HoldStatus.POSTED, now, posted_amount_minor=amount,
+                                         transfer_id=hold.hold_id, request_hash=fingerprint)
+            written = self._repo.queue_transfers(
+                conn, [transfer_request, *request.linked], [fingerprint, *linked_hashes], now,
+                hold_ids=[hold.hold_id] + [None] * len(request.linked))
+            ids = [hold.hold_id, *linked_ids]
+            self._repo.assert_transfer_balances(conn, ids, _compared(
+                [hold.debit_account_id, *(t.debit_account_id for t in request.linked)],
+                [hold.credit_account_id, *(t.credit_account_id for t in request.linked)], planned))
 
-        return self._transaction(work)  # type: ignore[arg-type]
+            def finish() -> tuple[Hold, Transfer, list[Transfer]]:
+                transfer, *linked = written()
+                _assert_balances([transfer, *linked], planned)  # the server checked before committing
+                return posted, transfer, linked
+
+            return _OnCommit(finish)
+
+        return self._transaction(work, commit_in_flight=True)  # type: ignore[arg-type]
 
     def void_hold(self, hold_id: str, *, available: dict[str, int] | None = None) -> Hold:
         """Release a pending hold. Voiding a voided or expired hold returns it unchanged;
@@ -870,6 +905,14 @@ def _replay_transfers(requests: Sequence[TransferRequest], hashes: Sequence[byte
                                   f"transfer {request.transfer_id} exists with a different payload",
                                   index=str(index), transfer_id=request.transfer_id)
     return [existing[r.transfer_id] for r in requests]
+
+
+def _compared(debits: Sequence[str], credits: Sequence[str], planned: Sequence[tuple[int, int]]
+              ) -> list[tuple[int | None, int | None]]:
+    """The planned balances `_assert_balances` compares, with None for system accounts' sides,
+    for the server's check (Repository.assert_transfer_balances)."""
+    return [(None if is_system_account(d) else debit_after, None if is_system_account(c) else credit_after)
+            for d, c, (debit_after, credit_after) in zip(debits, credits, planned, strict=True)]
 
 
 def _assert_balances(transfers: Sequence[Transfer], planned: Sequence[tuple[int, int]]) -> None:

@@ -10,7 +10,7 @@ them through the triggers of migrations/001_ledger.sql.
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime
 
 import psycopg
@@ -203,6 +203,14 @@ class Repository:
         `hold_id` is the hold every transfer posts, or `hold_ids` one per transfer. Both
         inserts are sent before any result is read, so inside `conn.pipeline()` they travel
         with whatever the caller queued before them, in one round trip."""
+        return self.queue_transfers(conn, requests, hashes, posted_at, hold_id=hold_id, hold_ids=hold_ids)()
+
+    def queue_transfers(self, conn: psycopg.Connection, requests: Sequence[TransferRequest],
+                        hashes: Sequence[bytes], posted_at: datetime, *, hold_id: str | None = None,
+                        hold_ids: Sequence[str | None] | None = None) -> Callable[[], list[Transfer]]:
+        """`insert_transfers` without reading the results: in pipeline mode the inserts are
+        only queued, and the returned function reads them (after a later sync, possibly the
+        commit's)."""
         holds = list(hold_ids) if hold_ids is not None else [hold_id] * len(requests)
         transfers = conn.cursor()
         transfers.executemany(self._q(
@@ -223,17 +231,29 @@ class Repository:
             conn.cursor().executemany(self._q(
                 "INSERT INTO {s}.transfer_splits (transfer_id, line_no, party, party_id, amount_minor, currency,"
                 " contract_id, contract_version) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"), split_rows)
-        afters = [result.fetchone() for result in transfers.results()]
-        return [
-            Transfer(
-                transfer_id=r.transfer_id, debit_account_id=r.debit_account_id, credit_account_id=r.credit_account_id,
-                amount_minor=r.amount_minor, currency=r.currency, kind=r.kind, splits=r.splits,
-                hold_id=held or "", corrects_transfer_id=r.corrects_transfer_id, reference=r.reference,
-                posted_at=posted_at, debit_balance_after_minor=after[0], credit_balance_after_minor=after[1],
-                request_hash=h,
-            )
-            for r, h, held, after in zip(requests, hashes, holds, afters, strict=True)
-        ]
+
+        def read() -> list[Transfer]:
+            afters = [result.fetchone() for result in transfers.results()]
+            return [
+                Transfer(
+                    transfer_id=r.transfer_id, debit_account_id=r.debit_account_id,
+                    credit_account_id=r.credit_account_id, amount_minor=r.amount_minor, currency=r.currency,
+                    kind=r.kind, splits=r.splits, hold_id=held or "", corrects_transfer_id=r.corrects_transfer_id,
+                    reference=r.reference, posted_at=posted_at, debit_balance_after_minor=after[0],
+                    credit_balance_after_minor=after[1], request_hash=h,
+                )
+                for r, h, held, after in zip(requests, hashes, holds, afters, strict=True)
+            ]
+
+        return read
+
+    def assert_transfer_balances(self, conn: psycopg.Connection, transfer_ids: Sequence[str],
+                                 planned: Sequence[tuple[int | None, int | None]]) -> None:
+        """Have the database compare the transfers' balances with those planned (None: not
+        compared) and abort the transaction on any difference (migration 100). Queued, in
+        pipeline mode, like any statement."""
+        conn.execute(self._q("SELECT {s}.assert_transfer_balances(%s::text[], %s::bigint[], %s::bigint[])"),
+                     (list(transfer_ids), [d for d, _ in planned], [c for _, c in planned]))
 
     # --- holds ----------------------------------------------------------------------------
 

@@ -249,6 +249,56 @@ def test_a_hold_reserves_then_posts_for_less_releasing_the_rest(wallet_db: Walle
     no_violations(db)
 
 
+def test_a_post_whose_planned_balance_disagrees_with_the_database_commits_nothing(
+        wallet_db: WalletDb, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A post's inserts and its COMMIT travel in one round trip, so the cross-check of the
+    balances the trigger computed against the domain's plan runs in the database, before the
+    commit: a disagreement (a bug in either) aborts the post and changes nothing."""
+    db = wallet_db
+    rider = db.rider(funded_minor=1000)
+    db.ledger.create_hold(hold(db, "tap-1", rider, 600))
+    before, events_before = db.snapshot(), db.event_types()
+    planned_post = Book.post
+
+    def off_by_one(self: Book, held: object, amount_minor: int) -> tuple[int, int]:
+        debit_after, credit_after = planned_post(self, held, amount_minor)  # type: ignore[arg-type]
+        return debit_after + 1, credit_after
+
+    monkeypatch.setattr(Book, "post", off_by_one)
+    with pytest.raises(psycopg.errors.InternalError_) as info:
+        db.ledger.post_hold(PostHoldRequest("tap-1", 250, "TWD"))
+    assert "ledger drift on tap-1: database 750/" in str(info.value)
+    assert "planned 751/" in str(info.value)
+    assert db.snapshot() == before and db.event_types() == events_before
+    assert db.balance(rider) == (1000, 600, 0)
+    monkeypatch.undo()
+    posted, transfer = db.ledger.post_hold(PostHoldRequest("tap-1", 250, "TWD"))
+    assert (posted.status, transfer.debit_balance_after_minor) == (HoldStatus.POSTED, 750)
+    no_violations(db)
+
+
+def test_the_databases_balance_check_compares_only_the_sides_it_is_given(wallet_db: WalletDb) -> None:
+    db = wallet_db
+    rider = db.rider(funded_minor=1000)
+    db.ledger.create_transfers([pay(db, "fare-1", rider, 250)])
+
+    def check(ids: list[str], debits: list[int | None], credits: list[int | None]) -> None:
+        with psycopg.connect(db.dsn) as conn:
+            conn.execute(f'SELECT "{db.schema}".assert_transfer_balances(%s::text[], %s::bigint[], %s::bigint[])',
+                         (ids, debits, credits))
+
+    check(["fare-1"], [750], [None])  # the revenue side is not compared
+    check(["fare-1"], [750], [250])
+    for ids, debits, credits, message in [
+            (["fare-1"], [749], [None], "ledger drift on fare-1: database 750/250, planned 749/<NULL>"),
+            (["fare-1"], [None], [251], "ledger drift on fare-1"),
+            (["fare-2"], [None], [None], "transfer fare-2 was not written"),
+            (["fare-1"], [750, 1], [None], "1 ids, 2 debit and 1 credit balances")]:
+        with pytest.raises(psycopg.errors.InternalError_) as info:
+            check(ids, debits, credits)
+        assert message in str(info.value)
+
+
 def test_a_full_post_without_an_amount_matches_a_retry_with_the_full_amount(wallet_db: WalletDb) -> None:
     db = wallet_db
     rider = db.rider(funded_minor=1000)
