@@ -281,6 +281,23 @@ class Ledger:
             out.clear()  # a retried transaction reports afresh
             out.update(available)
 
+    def _queue_checked_transfers(self, conn: psycopg.Connection, requests: Sequence[TransferRequest],
+                                 hashes: Sequence[bytes], now: datetime, planned: Sequence[tuple[int, int]], *,
+                                 hold_ids: Sequence[str | None] | None = None) -> Callable[[], list[Transfer]]:
+        """Queue the balance-moving inserts and the database's check of the balances they
+        leave against `planned` (`commit_in_flight`: they go out with the COMMIT); the
+        returned function reads the transfers after the commit and checks them again."""
+        written = self._repo.queue_transfers(conn, requests, hashes, now, hold_ids=hold_ids)
+        self._repo.assert_transfer_balances(conn, [r.transfer_id for r in requests], _compared(
+            [r.debit_account_id for r in requests], [r.credit_account_id for r in requests], planned))
+
+        def read() -> list[Transfer]:
+            transfers = written()
+            _assert_balances(transfers, planned)  # the database checked the same before its commit
+            return transfers
+
+        return read
+
     def _unknown_account(self, account_id: str) -> errors.NotFound:
         return errors.NotFound("UNKNOWN_ACCOUNT", f"no account {account_id}", resource="account", account_id=account_id)
 
@@ -536,7 +553,7 @@ class Ledger:
         hashes = [transfer_hash(r) for r in requests]
         ids = [r.transfer_id for r in requests]
 
-        def work(conn: psycopg.Connection) -> list[Transfer]:
+        def work(conn: psycopg.Connection) -> list[Transfer] | _OnCommit[list[Transfer]]:
             existing = self._repo.find_transfers(conn, ids)
             if existing:
                 replayed = _replay_transfers(requests, hashes, existing)
@@ -557,17 +574,15 @@ class Ledger:
                         raise errors.InvalidArgument("INVALID_ARGUMENT", f"the credited account must be a {credit_kind.name}",
                                                      field="credit_account_id", index=str(index))
             self._check_corrections(conn, requests)
-            # The event first, the balance-moving insert last, in one round trip: see _as_posted.
-            key = event_account_key([(accounts[r.debit_account_id], accounts[r.credit_account_id]) for r in requests])
-            with conn.pipeline():
-                self._emit(conn, key, now, transfer_posted=events_pb2.TransferPosted(
-                    transfers=[convert.transfer_to_proto(_as_posted(r, h, now)) for r, h in zip(requests, hashes)]))
-                transfers = self._repo.insert_transfers(conn, requests, hashes, now)
-            _assert_balances(transfers, planned)
             self._report(available, self._available(conn, touched, book, riders_only=True))
-            return transfers
+            # The event first, then the balance-moving inserts, their check and the COMMIT, in
+            # one round trip (`commit_in_flight`; see _as_posted).
+            key = event_account_key([(accounts[r.debit_account_id], accounts[r.credit_account_id]) for r in requests])
+            self._emit(conn, key, now, transfer_posted=events_pb2.TransferPosted(
+                transfers=[convert.transfer_to_proto(_as_posted(r, h, now)) for r, h in zip(requests, hashes)]))
+            return _OnCommit(self._queue_checked_transfers(conn, requests, hashes, now, planned))
 
-        return self._transaction(work, retry_unique={"transfers_pkey"})
+        return self._transaction(work, retry_unique={"transfers_pkey"}, commit_in_flight=True)  # type: ignore[arg-type]
 
     def post_transfer_batch(self, requests: Sequence[TransferRequest]) -> list[Transfer | errors.CityTapError]:
         """Post independent transfers in order, each as if sent alone, in ONE transaction.
@@ -590,7 +605,8 @@ class Ledger:
                 outcomes[index] = exc
         hashes = {i: transfer_hash(requests[i]) for i in valid}
 
-        def work(conn: psycopg.Connection) -> list[Transfer | errors.CityTapError]:
+        def work(conn: psycopg.Connection
+                 ) -> list[Transfer | errors.CityTapError] | _OnCommit[list[Transfer | errors.CityTapError]]:
             result = list(outcomes)
             todo = []
             existing = self._repo.find_transfers(conn, [requests[i].transfer_id for i in valid]) if valid else {}
@@ -634,22 +650,26 @@ class Ledger:
                     continue
                 posted.append(i)
                 corrected.add(request.transfer_id)  # a later transfer of the batch may correct this one
-            if posted:
-                with conn.pipeline():  # the events, then the balance-moving insert: one round trip
-                    for i in posted:
-                        request = requests[i]
-                        key = event_account_key([(accounts[request.debit_account_id],
-                                                  accounts[request.credit_account_id])])
-                        self._emit(conn, key, now, transfer_posted=events_pb2.TransferPosted(
-                            transfers=[convert.transfer_to_proto(_as_posted(request, hashes[i], now))]))
-                    transfers = self._repo.insert_transfers(conn, [requests[i] for i in posted],
-                                                            [hashes[i] for i in posted], now)
-                _assert_balances(transfers, planned)
-                for i, transfer in zip(posted, transfers, strict=True):
-                    result[i] = transfer
-            return result  # type: ignore[return-value]
+            if not posted:
+                return result  # type: ignore[return-value]
+            # The events, then the balance-moving inserts, their check and the COMMIT, in one
+            # round trip (`commit_in_flight`).
+            for i in posted:
+                request = requests[i]
+                key = event_account_key([(accounts[request.debit_account_id], accounts[request.credit_account_id])])
+                self._emit(conn, key, now, transfer_posted=events_pb2.TransferPosted(
+                    transfers=[convert.transfer_to_proto(_as_posted(request, hashes[i], now))]))
+            read = self._queue_checked_transfers(conn, [requests[i] for i in posted], [hashes[i] for i in posted],
+                                                 now, planned)
 
-        return self._transaction(work, retry_unique={"transfers_pkey"})
+            def finish() -> list[Transfer | errors.CityTapError]:
+                for i, transfer in zip(posted, read(), strict=True):
+                    result[i] = transfer
+                return result  # type: ignore[return-value]
+
+            return _OnCommit(finish)
+
+        return self._transaction(work, retry_unique={"transfers_pkey"}, commit_in_flight=True)  # type: ignore[arg-type]
 
     def _check_corrections(self, conn: psycopg.Connection, requests: Sequence[TransferRequest]) -> None:
         earlier: set[str] = set()
@@ -808,17 +828,12 @@ class Ledger:
                                   for t, h in zip(request.linked, linked_hashes)]))
             self._repo.insert_resolution(conn, hold.hold_id, HoldStatus.POSTED, now, posted_amount_minor=amount,
                                          transfer_id=hold.hold_id, request_hash=fingerprint)
-            written = self._repo.queue_transfers(
-                conn, [transfer_request, *request.linked], [fingerprint, *linked_hashes], now,
+            read = self._queue_checked_transfers(
+                conn, [transfer_request, *request.linked], [fingerprint, *linked_hashes], now, planned,
                 hold_ids=[hold.hold_id] + [None] * len(request.linked))
-            ids = [hold.hold_id, *linked_ids]
-            self._repo.assert_transfer_balances(conn, ids, _compared(
-                [hold.debit_account_id, *(t.debit_account_id for t in request.linked)],
-                [hold.credit_account_id, *(t.credit_account_id for t in request.linked)], planned))
 
             def finish() -> tuple[Hold, Transfer, list[Transfer]]:
-                transfer, *linked = written()
-                _assert_balances([transfer, *linked], planned)  # the server checked before committing
+                transfer, *linked = read()
                 return posted, transfer, linked
 
             return _OnCommit(finish)

@@ -21,6 +21,7 @@ from services.wallet.domain import (
     Party,
     PostHoldRequest,
     SplitLine,
+    Transfer,
     TransferKind,
     TransferRequest,
 )
@@ -274,6 +275,35 @@ def test_a_post_whose_planned_balance_disagrees_with_the_database_commits_nothin
     monkeypatch.undo()
     posted, transfer = db.ledger.post_hold(PostHoldRequest("tap-1", 250, "TWD"))
     assert (posted.status, transfer.debit_balance_after_minor) == (HoldStatus.POSTED, 750)
+    no_violations(db)
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["create_transfers", "post_transfer_batch"])
+def test_a_transfer_whose_planned_balance_disagrees_with_the_database_commits_nothing(
+        wallet_db: WalletDb, monkeypatch: pytest.MonkeyPatch, batch: bool) -> None:
+    """Transfers send their inserts, the database's balance check and the COMMIT in one
+    round trip too: a plan the database disagrees with aborts them before the commit."""
+    db = wallet_db
+    rider = db.rider(funded_minor=1000)
+    before, events_before = db.snapshot(), db.event_types()
+    planned_transfer = Book.transfer
+
+    def off_by_one(self: Book, request: TransferRequest, index: int) -> tuple[int, int]:
+        debit_after, credit_after = planned_transfer(self, request, index)
+        return debit_after - 1, credit_after
+
+    monkeypatch.setattr(Book, "transfer", off_by_one)
+    request = pay(db, "fare-1", rider, 250)
+    with pytest.raises(psycopg.errors.InternalError_) as info:
+        if batch:
+            db.ledger.post_transfer_batch([request])
+        else:
+            db.ledger.create_transfers([request])
+    assert "ledger drift on fare-1: database 750/250, planned 749/" in str(info.value)
+    assert db.snapshot() == before and db.event_types() == events_before
+    monkeypatch.undo()
+    [transfer] = db.ledger.post_transfer_batch([request]) if batch else db.ledger.create_transfers([request])
+    assert isinstance(transfer, Transfer) and transfer.debit_balance_after_minor == 750
     no_violations(db)
 
 
