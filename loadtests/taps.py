@@ -29,9 +29,10 @@ it is the figure to compare across runs and changes.
 Riders alternate entry and exit across the demo city's metro stations (two gates each), so
 every tap goes through the real entry (hold) and exit (price, post) paths. Taps are sent at
 the current time. Before each phase the bench waits (bounded) for the outbox relays of
-wallet and fare_gate to publish the previous phase's events, and for the fare gate to
-answer GetGateConfig within 20 ms three times in a row, so each phase starts from an idle
-relay and an empty request queue.
+wallet and fare_gate to publish the previous phase's events, for the stack's processes to
+use at most 0.2 of a core over 2 s (settlement has consumed the previous phase's events),
+and for the fare gate to answer GetGateConfig within 20 ms three times in a row, so each
+phase starts from a quiet stack and an empty request queue.
 
 The exit status is 0 whatever the verdicts: a benchmark reports, it is not a gate. It is 1
 only when the benchmark could not run (stack down, setup refused).
@@ -99,6 +100,12 @@ OUTBOX_SCHEMAS = ("wallet", "fare_gate")
 IDLE_CALL_MS_MAX = 20.0
 IDLE_CALLS_IN_A_ROW = 3
 IDLE_WAIT_S_MAX = 60.0
+# Before a phase, the stack must have finished the last one's work (settlement consuming its
+# events, journeys closing): at most this much CPU, in cores, over a QUIET_WINDOW_S window.
+# The idle stack uses about 0.1.
+QUIET_CORES_MAX = 0.2
+QUIET_WINDOW_S = 2.0
+QUIET_WAIT_S_MAX = 120.0
 
 
 # --- funding ------------------------------------------------------------------------------
@@ -253,8 +260,21 @@ class TapBench:
             time.sleep(0.1)
         return time.monotonic() - started
 
+    def wait_stack_quiet(self) -> float:
+        """Wait (bounded) until the stack's processes use at most QUIET_CORES_MAX of CPU, so a
+        phase neither pays for the last one's trailing work nor counts it as its own."""
+        started = time.monotonic()
+        if self.stack_cpu is None:
+            return 0.0
+        while time.monotonic() - started < QUIET_WAIT_S_MAX:
+            before = self.stack_cpu.snapshot()
+            time.sleep(QUIET_WINDOW_S)
+            if sum(self.stack_cpu.used_s(before, self.stack_cpu.snapshot()).values()) <= QUIET_CORES_MAX * QUIET_WINDOW_S:
+                break
+        return time.monotonic() - started
+
     def _measure(self, run: Any) -> tuple[RunResult, float, float, CallCost | None]:
-        waited_s = self.wait_outbox_drained() + self.wait_server_idle()
+        waited_s = self.wait_outbox_drained() + self.wait_stack_quiet() + self.wait_server_idle()
         before = self.stack_cpu.snapshot() if self.stack_cpu else None
         cpu0, wall0 = time.process_time(), time.monotonic()
         result = run()
