@@ -1,7 +1,8 @@
 """CPU time each process of the local stack used over a stretch of time, read from /proc.
 
 Latency on the shared 2-core box moves with whatever else the machine is doing; the CPU a
-tap costs does not, much. The tap bench samples the stack before and after each phase and
+tap costs moves less (a contended host still makes every instruction dearer), and it says
+where the time goes. The tap bench samples the stack before and after each phase and
 divides what each component used by the calls answered: "fare gate 4.0 ms, PostgreSQL 3.5 ms,
 ... 13.3 ms of CPU per tap", and so "two cores give at most about 150 taps/s at this cost".
 

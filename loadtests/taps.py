@@ -23,8 +23,9 @@ What it does, in order (see services/fare_gate/EMULATOR.md for the method):
 Each phase also prints the stack's CPU per answered call, by process (loadtests/stack_cpu.py
 reads /proc for the processes under `$CITYTAP_STATE_DIR/run/`, PostgreSQL's backends
 included, and this process as the load generator), and what the machine's CPUs could carry
-at that cost. Latency on the shared box moves with the neighbours; CPU per tap much less, so
-it is the figure to compare across runs and changes.
+at that cost. Latency on the shared box moves with the neighbours; CPU per tap moves less,
+and it says which process a change helped. Compare changes in runs side by side: a busy
+host still makes every tap dearer.
 
 Riders alternate entry and exit across the demo city's metro stations (two gates each), so
 every tap goes through the real entry (hold) and exit (price, post) paths. Taps are sent at
