@@ -932,7 +932,10 @@ def _compared(debits: Sequence[str], credits: Sequence[str], planned: Sequence[t
 
 def _assert_balances(transfers: Sequence[Transfer], planned: Sequence[tuple[int, int]]) -> None:
     """The balances the database computed must be those the domain planned; anything else is
-    a bug, and raising here rolls the transaction back. System accounts are not locked before
+    a bug. The writes that commit in flight have the database run this check before their
+    COMMIT (`assert_transfer_balances`), which aborts them; this one then runs after the
+    commit as a second look, and where a write reads its results before committing, raising
+    here rolls it back. System accounts are not locked before
     the insert (see Repository.lock_accounts_but_system), so the domain cannot know their
     balance in advance; their side is not compared."""
     for transfer, (debit_after, credit_after) in zip(transfers, planned, strict=True):

@@ -195,22 +195,15 @@ class Repository:
     def existing_hold_ids(self, conn: psycopg.Connection, hold_ids: Collection[str]) -> set[str]:
         return {r[0] for r in conn.execute(self._q("SELECT id FROM {s}.holds WHERE id = ANY(%s)"), (list(hold_ids),))}
 
-    def insert_transfers(self, conn: psycopg.Connection, requests: Sequence[TransferRequest],
-                         hashes: Sequence[bytes], posted_at: datetime, *, hold_id: str | None = None,
-                         hold_ids: Sequence[str | None] | None = None) -> list[Transfer]:
-        """Insert transfers in order (the trigger moves each one's balances) and their splits.
-
-        `hold_id` is the hold every transfer posts, or `hold_ids` one per transfer. Both
-        inserts are sent before any result is read, so inside `conn.pipeline()` they travel
-        with whatever the caller queued before them, in one round trip."""
-        return self.queue_transfers(conn, requests, hashes, posted_at, hold_id=hold_id, hold_ids=hold_ids)()
-
     def queue_transfers(self, conn: psycopg.Connection, requests: Sequence[TransferRequest],
                         hashes: Sequence[bytes], posted_at: datetime, *, hold_id: str | None = None,
                         hold_ids: Sequence[str | None] | None = None) -> Callable[[], list[Transfer]]:
-        """`insert_transfers` without reading the results: in pipeline mode the inserts are
-        only queued, and the returned function reads them (after a later sync, possibly the
-        commit's)."""
+        """Insert transfers in order (the trigger moves each one's balances) and their splits,
+        without reading the results: the returned function reads them. In pipeline mode the
+        inserts are only queued, and go out with whatever follows them (the ledger's balance
+        check and COMMIT); the function then reads them after that sync.
+
+        `hold_id` is the hold every transfer posts, or `hold_ids` one per transfer."""
         holds = list(hold_ids) if hold_ids is not None else [hold_id] * len(requests)
         transfers = conn.cursor()
         transfers.executemany(self._q(
