@@ -12,7 +12,8 @@ PostgreSQL counts every backend. A child that exits inside the window is still c
 its parent's `cutime`/`cstime` take its whole CPU when it is reaped, and what it had used
 before the window began is taken off again.
 
-Linux only (it reads /proc); elsewhere `available()` is False and the bench leaves it out.
+Linux only (it reads /proc); elsewhere `StackCpu.from_environment()` is None and the tap bench
+leaves it out. loadtests/wallet_transfers.py uses it too.
 """
 
 from __future__ import annotations
@@ -80,10 +81,13 @@ class Snapshot:
 
 class StackCpu:
     def __init__(self, state_dir: Path, *, proc: Path = Path("/proc"), components: Iterable[str] = COMPONENTS,
-                 ticks_per_s: int | None = None) -> None:
+                 pids: Mapping[str, int] | None = None, ticks_per_s: int | None = None) -> None:
+        """`pids` names a component's process instead of its pid file (a service started by
+        hand, for a profiling run)."""
         self._run_dir = state_dir / "run"
         self._proc = proc
         self._components = tuple(components)
+        self._pids = dict(pids or {})
         self._hz = ticks_per_s or os.sysconf("SC_CLK_TCK")
 
     @classmethod
@@ -95,6 +99,8 @@ class StackCpu:
         return cls(Path(state_dir))
 
     def _root_pid(self, component: str) -> int | None:
+        if component in self._pids:
+            return self._pids[component]
         try:
             text = (self._run_dir / f"{component}.pid").read_text().strip()
         except FileNotFoundError:

@@ -59,6 +59,7 @@ from libs.grpc_client import connect, error_reason
 from libs.grpc_health_probe import check
 from libs.postgres import create_pool
 from libs.settings import load
+from loadtests.stack_cpu import Snapshot, StackCpu
 
 TARGET_TRANSFERS_PER_S = 1000
 
@@ -287,82 +288,29 @@ def _drive_window(job: Job, stub: wallet_pb2_grpc.WalletServiceStub, window: tup
 # --- CPU accounting from /proc ---------------------------------------------------------------
 
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+STACK_COMPONENTS = ("wallet", "postgres", "kafka")
 
 
-def _proc_stat_fields(pid: int) -> list[str] | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text[text.rindex(")") + 2:].split()  # fields from the 3rd (state) on
-
-
-def _cpu_s(pid: int | None, *, with_children: bool = False) -> float | None:
-    """CPU seconds a process used (and, if asked, its reaped children)."""
-    if pid is None:
-        return None
-    fields = _proc_stat_fields(pid)
-    if fields is None:
-        return None
-    ticks = int(fields[11]) + int(fields[12])  # utime, stime
-    if with_children:
-        ticks += int(fields[13]) + int(fields[14])  # cutime, cstime
-    return ticks / CLOCK_TICKS_PER_S
-
-
-def _children(parent: int) -> list[int]:
-    found = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            fields = _proc_stat_fields(int(entry.name))
-            if fields is not None and fields[1] == str(parent):
-                found.append(int(entry.name))
-    return found
-
-
-def _pid_file(path: Path) -> int | None:
-    try:
-        pid = int(path.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    return pid if Path(f"/proc/{pid}").exists() else None
-
-
-@dataclasses.dataclass(frozen=True)
-class StackPids:
-    wallet: int | None
-    postmaster: int | None
-    kafka: int | None
-
-    @classmethod
-    def find(cls, state_dir: Path) -> StackPids:
-        return cls(wallet=_pid_file(state_dir / "run" / "wallet.pid"),
-                   postmaster=_pid_file(state_dir / "postgres" / "postmaster.pid"),
-                   kafka=_pid_file(state_dir / "run" / "kafka.pid"))
-
-
-def cpu_snapshot(pids: StackPids) -> dict[str, float | None]:
-    """CPU seconds so far of the wallet, the PostgreSQL server (postmaster, its live backends,
-    and through cutime the backends that exited), Kafka, this process, and the machine."""
-    postgres = _cpu_s(pids.postmaster, with_children=True)
-    if postgres is not None and pids.postmaster is not None:
-        postgres += sum(_cpu_s(child) or 0.0 for child in _children(pids.postmaster))
+def cpu_snapshot(stack: StackCpu) -> tuple[Snapshot, dict[str, float]]:
+    """The stack's processes (the wallet, PostgreSQL with its backends, Kafka: loadtests/
+    stack_cpu.py), and CPU seconds so far of this process and of the whole machine."""
     own = os.times()
     line = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
     ticks = [int(v) for v in line[:8]]  # user nice system idle iowait irq softirq steal
-    return {
-        "wallet": _cpu_s(pids.wallet),
-        "postgres": postgres,
-        "kafka": _cpu_s(pids.kafka),
+    return stack.snapshot(), {
         "client": own.user + own.system,
         "machine_busy": (sum(ticks) - ticks[3] - ticks[4]) / CLOCK_TICKS_PER_S,
         "machine_total": sum(ticks) / CLOCK_TICKS_PER_S,
     }
 
 
-def cpu_used(before: dict[str, float | None], after: dict[str, float | None]) -> dict[str, float | None]:
-    return {k: (after[k] - before[k]) if after[k] is not None and before[k] is not None else None  # type: ignore[operator]
-            for k in before}
+def cpu_used(stack: StackCpu, before: tuple[Snapshot, dict[str, float]],
+             after: tuple[Snapshot, dict[str, float]]) -> dict[str, float | None]:
+    """CPU seconds between two snapshots; None for a component with no process."""
+    used: dict[str, float | None] = {name: None for name in STACK_COMPONENTS}
+    used.update(stack.used_s(before[0], after[0]))
+    used.update({k: after[1][k] - before[1][k] for k in before[1]})
+    return used
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -443,9 +391,9 @@ class Bench:
         self.config = ledger_config(self.settings)
         self.schema = self.settings.schema
         self.root = Path(env.get("CITYTAP_ROOT", Path(__file__).resolve().parent.parent))
-        self.pids = StackPids.find(Path(env["CITYTAP_STATE_DIR"]))
-        if args.wallet_pid is not None:  # a wallet started by hand (a profiling run, say)
-            self.pids = dataclasses.replace(self.pids, wallet=args.wallet_pid)
+        # A wallet started by hand (a profiling run, say) is named by --wallet-pid.
+        self.stack_cpu = StackCpu(Path(env["CITYTAP_STATE_DIR"]), components=STACK_COMPONENTS,
+                                  pids={"wallet": args.wallet_pid} if args.wallet_pid is not None else None)
         self.pg_bin = Path(env.get("CITYTAP_PG_BIN", "/usr/lib/postgresql/15/bin"))
         self.run_id = f"bench-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}"
         self.pool = create_pool(self.settings.postgres_dsn, name="citytap-bench", max_size=2)
@@ -539,9 +487,9 @@ class Bench:
 
         def sample() -> None:
             time.sleep(max(0.0, measure_start - time.monotonic()))
-            samples["before"] = cpu_snapshot(self.pids)
+            samples["before"] = cpu_snapshot(self.stack_cpu)
             time.sleep(max(0.0, measure_end - time.monotonic()))
-            samples["after"] = cpu_snapshot(self.pids)
+            samples["after"] = cpu_snapshot(self.stack_cpu)
             samples["backlog_at_end"] = self.outbox_backlog()
 
         sampler = threading.Thread(target=sample, name="cpu-sampler", daemon=True)
@@ -556,7 +504,7 @@ class Bench:
         for t in tallies:
             tally.merge(t)
         latencies = sorted(tally.latencies_ms)
-        used = cpu_used(samples["before"], samples["after"]) if "after" in samples else {}
+        used = cpu_used(self.stack_cpu, samples["before"], samples["after"]) if "after" in samples else {}
         if len(jobs) > 1:
             used["client"] = tally.client_cpu_s  # the client processes' own CPU, not this one's
         per_s = tally.ok_measured / args.duration_s

@@ -106,3 +106,14 @@ def test_call_cost_spreads_the_cpu_over_the_calls_sent() -> None:
 
 def test_call_cost_with_no_calls_is_none() -> None:
     assert call_cost({"fare_gate": 1.0}, 0) is None
+
+
+def test_a_component_can_be_named_by_pid_instead_of_its_pid_file(fake: FakeProc) -> None:
+    fake.pid_file("fare_gate", 10)
+    fake.process(10, 1, utime=100)
+    fake.process(50, 1, utime=200)  # a fare gate started by hand
+    stack = StackCpu(fake.state, proc=fake.proc, components=("fare_gate",), pids={"fare_gate": 50}, ticks_per_s=100)
+    before = stack.snapshot()
+    fake.process(10, 1, utime=900)
+    fake.process(50, 1, utime=260)
+    assert stack.used_s(before, stack.snapshot()) == {"fare_gate": 0.6}
