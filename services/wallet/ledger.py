@@ -285,18 +285,13 @@ class Ledger:
                                  hashes: Sequence[bytes], now: datetime, planned: Sequence[tuple[int, int]], *,
                                  hold_ids: Sequence[str | None] | None = None) -> Callable[[], list[Transfer]]:
         """Queue the balance-moving inserts and the database's check of the balances they
-        leave against `planned` (`commit_in_flight`: they go out with the COMMIT); the
-        returned function reads the transfers after the commit and checks them again."""
+        leave against `planned` (`commit_in_flight`: they go out with the COMMIT, which the
+        check aborts on any difference); the returned function reads the transfers after the
+        commit."""
         written = self._repo.queue_transfers(conn, requests, hashes, now, hold_ids=hold_ids)
         self._repo.assert_transfer_balances(conn, [r.transfer_id for r in requests], _compared(
             [r.debit_account_id for r in requests], [r.credit_account_id for r in requests], planned))
-
-        def read() -> list[Transfer]:
-            transfers = written()
-            _assert_balances(transfers, planned)  # the database checked the same before its commit
-            return transfers
-
-        return read
+        return written
 
     def _unknown_account(self, account_id: str) -> errors.NotFound:
         return errors.NotFound("UNKNOWN_ACCOUNT", f"no account {account_id}", resource="account", account_id=account_id)
@@ -924,27 +919,12 @@ def _replay_transfers(requests: Sequence[TransferRequest], hashes: Sequence[byte
 
 def _compared(debits: Sequence[str], credits: Sequence[str], planned: Sequence[tuple[int, int]]
               ) -> list[tuple[int | None, int | None]]:
-    """The planned balances `_assert_balances` compares, with None for system accounts' sides,
-    for the server's check (Repository.assert_transfer_balances)."""
+    """The planned balances for the database's check (Repository.assert_transfer_balances),
+    with None for system accounts' sides: they are not locked before the insert (see
+    Repository.lock_accounts_but_system), so the domain cannot know their balance in advance.
+    Any difference is a bug in the domain or the trigger, and aborts the write."""
     return [(None if is_system_account(d) else debit_after, None if is_system_account(c) else credit_after)
             for d, c, (debit_after, credit_after) in zip(debits, credits, planned, strict=True)]
-
-
-def _assert_balances(transfers: Sequence[Transfer], planned: Sequence[tuple[int, int]]) -> None:
-    """The balances the database computed must be those the domain planned; anything else is
-    a bug. The writes that commit in flight have the database run this check before their
-    COMMIT (`assert_transfer_balances`), which aborts them; this one then runs after the
-    commit as a second look, and where a write reads its results before committing, raising
-    here rolls it back. System accounts are not locked before
-    the insert (see Repository.lock_accounts_but_system), so the domain cannot know their
-    balance in advance; their side is not compared."""
-    for transfer, (debit_after, credit_after) in zip(transfers, planned, strict=True):
-        database = (None if is_system_account(transfer.debit_account_id) else transfer.debit_balance_after_minor,
-                    None if is_system_account(transfer.credit_account_id) else transfer.credit_balance_after_minor)
-        if database != (None if database[0] is None else debit_after, None if database[1] is None else credit_after):
-            raise AssertionError(f"ledger drift on {transfer.transfer_id}: database "
-                                 f"{transfer.debit_balance_after_minor}/{transfer.credit_balance_after_minor}, "
-                                 f"planned {debit_after}/{credit_after}")
 
 
 def _mapped(exc: psycopg.Error) -> errors.CityTapError | None:
