@@ -5,7 +5,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 PY := .venv/bin/python
 
-.PHONY: help bootstrap provision proto proto-check up down status demo test test-unit reset bench-transfers bench-taps bench-settlement bench-face
+.PHONY: help bootstrap provision proto proto-check up down status demo test test-unit reset bench-transfers bench-taps bench-tap-floor bench-settlement bench-face
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -50,6 +50,9 @@ reset: ## Stop the dev stack and delete its data (keeps downloaded jars and bina
 
 bench-taps: up ## Tap latency at 200 taps/s and the highest sustained rate, open loop (BENCH_QUICK=1: 10 s steps).
 	@source infra/env.sh && $(PY) -m loadtests.taps
+
+bench-tap-floor: up ## The floor of a tap on this stack: the same taps through two rule-free servers, at 100-500 taps/s.
+	@source infra/env.sh && $(PY) -m loadtests.tap_floor
 
 bench-transfers: up ## Benchmark posted transfers/s through the wallet's gRPC API against pgbench (dev stack).
 	@source infra/env.sh && $(PY) -m loadtests.wallet_transfers

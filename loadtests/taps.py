@@ -59,6 +59,7 @@ from libs.grpc_health_probe import check
 from libs.postgres import create_pool
 from libs.settings import load
 from loadtests.stack_cpu import LOAD_GENERATOR, CallCost, StackCpu, call_cost
+from loadtests.tap_floor import FloorRun, FloorStack
 from services.fare_gate.emulator.gate import CallFailed, FareGateClient, WalletClient
 from services.fare_gate.emulator.load import LoadShape, rider_setups, run_baseline, run_taps, synthetic_riders
 from services.fare_gate.emulator.openloop import RunResult
@@ -337,6 +338,8 @@ class TapBench:
         if phase_cost is not None:
             self.say("  " + phase_cost.describe("tap"))
 
+        floor_runs = self.floor() if not args.no_floor else []
+
         steps: list[Step] = []
         if not args.no_steps:
             self.say(f"\n== steps: {args.step_s:g} s each; pass = p99 <= {STEP_P99_MS_MAX:g} ms and no errors")
@@ -351,13 +354,35 @@ class TapBench:
                          + (f"  CPU {cost.total_ms:.1f} ms/tap" if cost else ""))
                 if not step.passed and not args.keep_going:
                     break
-        return self.report(base, base_cpu, base_method, base_cost, phase, phase_cpu, phase_wait, phase_cost, steps)
+        return self.report(base, base_cpu, base_method, base_cost, phase, phase_cpu, phase_wait, phase_cost, steps,
+                           floor_runs)
+
+    def floor(self) -> list[FloorRun]:
+        """The same riders' taps through the floor servers (loadtests/tap_floor.py) at the
+        phase rate and the target rate: what the stack's parts cost with no rules at all."""
+        assert self.pool is not None
+        runs = []
+        self.wait_outbox_drained()
+        self.wait_stack_quiet()
+        with FloorStack(deadline_s=self.deadline_s) as floor:
+            for number, rate in enumerate((PHASE_RATE_PER_S, TARGET_SUSTAINED_PER_S), start=1):
+                self.say(f"\n== floor: the same taps with no rules (loadtests/tap_floor.py) at {rate:g} taps/s "
+                         f"for {self.args.phase_s:g} s")
+                pool = RiderPool(self.pool.riders, self.gates, seed=self.seed + number)
+                run = floor.run(pool, rate, self.args.phase_s, tap_id_prefix=f"{self.run_id}-floor{number}",
+                                warmup_s=WARMUP_S)
+                for line in format_run(run.result):
+                    self.say(line)
+                if run.cost is not None:
+                    self.say("  " + run.cost.describe("tap"))
+                runs.append(run)
+        return runs
 
     # --- report ---
 
     def report(self, base: RunResult, base_cpu: float, base_method: str, base_cost: CallCost | None,
                phase: RunResult, phase_cpu: float, phase_wait: float, phase_cost: CallCost | None,
-               steps: list[Step]) -> dict[str, Any]:
+               steps: list[Step], floor_runs: list[FloorRun]) -> dict[str, Any]:
         args = self.args
         tap, ref = phase.latency_summary(), base.latency_summary()
 
@@ -377,11 +402,13 @@ class TapBench:
         self.say(f"{'what':<34} {'rate/s':>8} {'p50':>8} {'p99':>8} {'p99.9':>8} {'max':>8} {'errors':>7} "
                  f"{'answered/s':>11} {'client CPU':>10}")
         rows = [(f"baseline {base_method}", base, base_cpu), ("Tap (phase A)", phase, phase_cpu)]
+        rows += [(f"floor (no rules) {'pass' if f.passed else 'FAIL'}", f.result, math.nan) for f in floor_runs]
         rows += [(f"Tap step {'pass' if s.passed else 'FAIL'}", s.result, s.client_cpu_pct) for s in steps]
         for name, result, cpu in rows:
             s = result.latency_summary()
             self.say(f"{name:<34} {result.rate_per_s:>8g} {ms(s.p50_ms):>8} {ms(s.p99_ms):>8} {ms(s.p999_ms):>8} "
-                     f"{ms(s.max_ms):>8} {result.error_count:>7} {result.achieved_rate_per_s:>11.1f} {cpu:>9.0f}%")
+                     f"{ms(s.max_ms):>8} {result.error_count:>7} {result.achieved_rate_per_s:>11.1f} "
+                     + (f"{cpu:>9.0f}%" if not math.isnan(cpu) else f"{'-':>10}"))
         self.say("(latencies in ms, from each call's scheduled send time; client CPU is this process, of one core)")
         self.say("")
         self.say(f"tap decision latency at {PHASE_RATE_PER_S:g} taps/s: p50 {ms(tap.p50_ms)} ms, p99 {ms(tap.p99_ms)} ms, "
@@ -402,6 +429,19 @@ class TapBench:
                 self.say(f"  against the baseline's {base_cost.total_ms:.2f} ms per GetGateConfig call: "
                          f"{phase_cost.total_ms / base_cost.total_ms:.1f}x")
 
+        for run in floor_runs:
+            fs = run.result.latency_summary()
+            line = (f"floor (the same taps, no rules) at {run.result.rate_per_s:g} taps/s: p50 {ms(fs.p50_ms)} ms, "
+                    f"p99 {ms(fs.p99_ms)} ms, errors {run.result.error_count}, answered "
+                    f"{run.result.achieved_rate_per_s:.1f}/s")
+            if run.cost is not None:
+                line += f", {run.cost.total_ms:.2f} ms of CPU per tap"
+            self.say(line)
+        floor_at_phase = next((r for r in floor_runs if r.result.rate_per_s == PHASE_RATE_PER_S), None)
+        if phase_cost is not None and floor_at_phase is not None and floor_at_phase.cost is not None:
+            self.say(f"  Tap (phase A) costs {phase_cost.total_ms / floor_at_phase.cost.total_ms:.1f}x the floor's "
+                     f"CPU per tap at {PHASE_RATE_PER_S:g} taps/s")
+
         document: dict[str, Any] = {
             "run_id": self.run_id, "fare_gate_address": self.fare_gate_address, "seed": self.seed,
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average_end": os.getloadavg()},
@@ -418,6 +458,7 @@ class TapBench:
             "steps": [{**run_to_dict(s.result), "pass": s.passed, "client_cpu_pct": round(s.client_cpu_pct, 1),
                        "settle_wait_s": round(s.outbox_wait_s, 2),
                        "stack_cpu": s.cost.to_dict() if s.cost else None} for s in steps],
+            "floor": [run.to_dict() for run in floor_runs],
             "sustained_rate_per_s": sustained if steps else None,
             "sustained_target_per_s": TARGET_SUSTAINED_PER_S,
             "sustained_pass": sustained_ok if steps else None,
@@ -464,7 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rates", type=_rates, default=RATES_DEFAULT,
                         help=f"rate steps, taps/s (default {','.join(map(str, RATES_DEFAULT))})")
     parser.add_argument("--keep-going", action="store_true", help="run every step even after one fails")
-    parser.add_argument("--no-steps", action="store_true", help="only the baseline and phase A")
+    parser.add_argument("--no-steps", action="store_true", help="only the baseline, phase A and the floor")
+    parser.add_argument("--no-floor", action="store_true",
+                        help="leave out the floor runs (the same taps through loadtests/tap_floor.py's servers)")
     parser.add_argument("--riders", type=int, help=f"synthetic riders (default: enough that a rider is back at a "
                                                    f"gate only after {SAME_GATE_GAP_S:g} s at the highest rate, "
                                                    f"at least {RIDERS_MIN})")
