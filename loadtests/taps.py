@@ -15,10 +15,13 @@ What it does, in order (see services/fare_gate/EMULATOR.md for the method):
    work, so it shows what the machine, Python and gRPC cost at that rate on this run.
 3. Phase A: Tap at 200 taps/s for the phase duration: p50/p99/p99.9 against the target p99 <=
    50 ms, and the ratio of Tap to the baseline.
-4. Steps: Tap at 50, 100, 150, 200, 300, 400... taps/s, each for the step duration; a step passes with
+4. The floor: the same riders' taps through loadtests/tap_floor.py's rule-free servers at 200 and
+   500 taps/s, each for the phase duration: what the stack's parts cost with no rules at all,
+   measured in the same run (`--no-floor` leaves it out).
+5. Steps: Tap at 50, 100, 150, 200, 300, 400... taps/s, each for the step duration; a step passes with
    p99 <= 100 ms and no errors. The sweep stops at the first failed step; the highest passed
    rate is the one sustained (target >= 500 taps/s).
-5. A table, `.local/bench/taps.json`, and `.local/bench/tap_latency.png`.
+6. A table, `.local/bench/taps.json`, and `.local/bench/tap_latency.png`.
 
 Each phase also prints the stack's CPU per answered call, by process (loadtests/stack_cpu.py
 reads /proc for the processes under `$CITYTAP_STATE_DIR/run/`, PostgreSQL's backends
