@@ -51,8 +51,8 @@ reset: ## Stop the dev stack and delete its data (keeps downloaded jars and bina
 bench-taps: up ## Tap latency at 200 taps/s and the highest sustained rate, open loop (BENCH_QUICK=1: 10 s steps).
 	@source infra/env.sh && $(PY) -m loadtests.taps
 
-bench-tap-floor: up ## The floor of a tap on this stack: the same taps through two rule-free servers, at 100-500 taps/s.
-	@source infra/env.sh && $(PY) -m loadtests.tap_floor
+bench-tap-floor: up ## The floor of a tap on this stack: the same taps through two rule-free servers, at 100-500 taps/s (FLOOR_ARGS=--one-hop: one service).
+	@source infra/env.sh && $(PY) -m loadtests.tap_floor $(FLOOR_ARGS)
 
 bench-transfers: up ## Benchmark posted transfers/s through the wallet's gRPC API against pgbench (dev stack).
 	@source infra/env.sh && $(PY) -m loadtests.wallet_transfers

@@ -1,6 +1,6 @@
-"""The floor of a tap on this stack: the least CPU any tap path built from our parts can use.
+"""The floor of a tap on this stack: the least CPU a tap path built from our parts can use.
 
-    make bench-tap-floor            # the dev stack's PostgreSQL, Redis and Kafka up, then this
+    make bench-tap-floor            # the dev stack up, then this (FLOOR_ARGS=--one-hop: one hop)
     python -m loadtests.tap_floor --help
 
 The tap bench (loadtests/taps.py) says what a tap costs in CPU through the real fare gate and
@@ -18,7 +18,9 @@ synchronous grpcio server, a thread pool, a psycopg pool) and speaking our proto
 - a floor wallet serving `WalletService.CreateHold`: one transaction that debits the
   account's row (a pending hold, as a real hold does) and inserts the hold, in one pipeline.
 
-No fare rules, no split, no outbox, no interceptors, no logs: a floor, not a design. The
+No fare rules, no split, no outbox, no interceptors, no logs: a floor, not a design.
+`--one-hop` leaves the floor wallet out and writes the hold in the gate's own transaction:
+the floor of a design with one service and one commit per tap, which ours is not. The
 load is the emulator's open loop (services/fare_gate/emulator/load.py), the same riders and
 the same Tap requests as `make bench-taps`, at each `--rates` step; each step prints the
 latency and the CPU per tap by process (loadtests/stack_cpu.py) and what two cores carry at
@@ -49,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psycopg
 import redis
 from kafka import KafkaProducer
 from psycopg_pool import ConnectionPool
@@ -101,33 +104,45 @@ def _pool(dsn: str, name: str) -> ConnectionPool:
 # --- the two servers ----------------------------------------------------------------------
 
 
+def _queue_hold(conn: psycopg.Connection[Any], hold_id: str, account_id: str, amount_minor: int) -> psycopg.Cursor[Any]:
+    """Queue a hold's writes in the open pipeline: the account's pending sum (the row made on
+    first use) and the hold. The cursor answers the account's available balance."""
+    balance = conn.execute(
+        f"INSERT INTO {WALLET_SCHEMA}.accounts (id, balance_minor, pending_minor) VALUES (%s, %s, %s) "
+        "ON CONFLICT (id) DO UPDATE SET pending_minor = accounts.pending_minor + EXCLUDED.pending_minor "
+        "RETURNING balance_minor - pending_minor",
+        (account_id, OPENING_BALANCE_MINOR, amount_minor))
+    conn.execute(f"INSERT INTO {WALLET_SCHEMA}.holds (id, account_id, amount_minor, expires_at) "
+                 "VALUES (%s, %s, %s, now() + interval '3 hours')", (hold_id, account_id, amount_minor))
+    return balance
+
+
+def _available(cursor: psycopg.Cursor[Any]) -> int:
+    row = cursor.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 class FloorWallet(wallet_pb2_grpc.WalletServiceServicer):
     def __init__(self, pool: ConnectionPool) -> None:
         self._pool = pool
 
     def CreateHold(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC's name)
-        amount = request.amount.amount_minor
         with self._pool.connection() as conn, conn.pipeline():
-            balance = conn.execute(
-                f"INSERT INTO {WALLET_SCHEMA}.accounts (id, balance_minor, pending_minor) VALUES (%s, %s, %s) "
-                "ON CONFLICT (id) DO UPDATE SET pending_minor = accounts.pending_minor + EXCLUDED.pending_minor "
-                "RETURNING balance_minor - pending_minor",
-                (request.debit_account_id, OPENING_BALANCE_MINOR, amount))
-            conn.execute(f"INSERT INTO {WALLET_SCHEMA}.holds (id, account_id, amount_minor, expires_at) "
-                         "VALUES (%s, %s, %s, now() + interval '3 hours')",
-                         (request.hold_id, request.debit_account_id, amount))
+            balance = _queue_hold(conn, request.hold_id, request.debit_account_id, request.amount.amount_minor)
             conn.commit()
-            row = balance.fetchone()
-        assert row is not None
+            available = _available(balance)
         return wallet_pb2.CreateHoldResponse(
             hold=wallet_pb2.Hold(hold_id=request.hold_id, debit_account_id=request.debit_account_id),
-            debit_available=money_pb2.Money(amount_minor=int(row[0]), currency="TWD"))
+            debit_available=money_pb2.Money(amount_minor=available, currency="TWD"))
 
 
 class FloorGate(fare_gate_pb2_grpc.FareGateServiceServicer):
+    """With no wallet address, one hop: the hold's writes go in the gate's own transaction."""
+
     def __init__(self, pool: ConnectionPool, wallet_address: str, redis_url: str, kafka_bootstrap: str) -> None:
         self._pool = pool
-        self._wallet = wallet_pb2_grpc.WalletServiceStub(grpc.insecure_channel(wallet_address))
+        self._wallet = wallet_pb2_grpc.WalletServiceStub(grpc.insecure_channel(wallet_address)) if wallet_address else None
         self._redis = redis.Redis.from_url(redis_url)
         self._kafka = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", linger_ms=KAFKA_LINGER_MS)
 
@@ -138,20 +153,24 @@ class FloorGate(fare_gate_pb2_grpc.FareGateServiceServicer):
             with conn.pipeline():
                 conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (card,))
                 seen = conn.execute(f"SELECT 1 FROM {GATE_SCHEMA}.taps WHERE tap_id = %s", (request.tap_id,))
+            balance = 0
             if seen.fetchone() is None:
-                hold = self._wallet.CreateHold(wallet_pb2.CreateHoldRequest(
-                    hold_id=f"fare:{request.tap_id}", debit_account_id=card, credit_account_id="revenue",
-                    amount=money_pb2.Money(amount_minor=HOLD_MINOR, currency="TWD")), timeout=DEADLINE_S)
+                hold_id = f"fare:{request.tap_id}"
+                if self._wallet is not None:
+                    hold = self._wallet.CreateHold(wallet_pb2.CreateHoldRequest(
+                        hold_id=hold_id, debit_account_id=card, credit_account_id="revenue",
+                        amount=money_pb2.Money(amount_minor=HOLD_MINOR, currency="TWD")), timeout=DEADLINE_S)
+                    balance = hold.debit_available.amount_minor
                 with conn.pipeline():
-                    conn.execute(f"INSERT INTO {GATE_SCHEMA}.taps (tap_id, card, gate_id, balance_minor) "
-                                 "VALUES (%s, %s, %s, %s)",
-                                 (request.tap_id, card, request.gate_id, hold.debit_available.amount_minor))
+                    held = _queue_hold(conn, hold_id, card, HOLD_MINOR) if self._wallet is None else None
+                    conn.execute(f"INSERT INTO {GATE_SCHEMA}.taps (tap_id, card, gate_id) VALUES (%s, %s, %s)",
+                                 (request.tap_id, card, request.gate_id))
                     conn.commit()
+                    if held is not None:
+                        balance = _available(held)
                 self._kafka.send(TOPIC, key=card.encode(), value=request.tap_id.encode())
-                balance = hold.debit_available.amount_minor
             else:
-                conn.rollback()
-                balance = 0
+                conn.rollback()  # a retry: recorded once already
         return fare_gate_pb2.TapResponse(
             decision=fare_gate_pb2.TAP_DECISION_OPEN, reason=fare_gate_pb2.TAP_REASON_OK,
             fare_charged=money_pb2.Money(amount_minor=0, currency="TWD"),
@@ -190,13 +209,12 @@ def _free_port() -> int:
 
 
 def _make_schemas(dsn: str) -> None:
-    import psycopg
     with psycopg.connect(dsn, autocommit=True) as conn:
         for schema in (GATE_SCHEMA, WALLET_SCHEMA):
             conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
             conn.execute(f"CREATE SCHEMA {schema}")
         conn.execute(f"CREATE TABLE {GATE_SCHEMA}.taps (tap_id text PRIMARY KEY, card text NOT NULL, "
-                     "gate_id text NOT NULL, balance_minor bigint NOT NULL, recorded_at timestamptz NOT NULL DEFAULT now())")
+                     "gate_id text NOT NULL, recorded_at timestamptz NOT NULL DEFAULT now())")
         conn.execute(f"CREATE TABLE {WALLET_SCHEMA}.accounts (id text PRIMARY KEY, balance_minor bigint NOT NULL, "
                      "pending_minor bigint NOT NULL)")
         conn.execute(f"CREATE TABLE {WALLET_SCHEMA}.holds (id text PRIMARY KEY, account_id text NOT NULL "
@@ -205,7 +223,6 @@ def _make_schemas(dsn: str) -> None:
 
 
 def _drop_schemas(dsn: str) -> None:
-    import psycopg
     with psycopg.connect(dsn, autocommit=True) as conn:
         for schema in (GATE_SCHEMA, WALLET_SCHEMA):
             conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
@@ -246,7 +263,10 @@ class FloorStack:
     """The two floor servers and their scratch schemas, on the stack `infra/env.sh` describes;
     a context manager (the servers stop and the schemas go on exit)."""
 
-    def __init__(self, *, deadline_s: float = DEADLINE_S) -> None:
+    def __init__(self, *, deadline_s: float = DEADLINE_S, one_hop: bool = False) -> None:
+        """`one_hop`: no floor wallet; the gate writes the hold in its own transaction (what a
+        design with one service and one commit per tap would cost)."""
+        self.one_hop = one_hop
         self.dsn = _env("CITYTAP_POSTGRES_DSN")
         self.state_dir = Path(_env("CITYTAP_STATE_DIR"))
         self.deadline_s = deadline_s
@@ -258,19 +278,25 @@ class FloorStack:
     def __enter__(self) -> FloorStack:
         _make_schemas(self.dsn)
         try:
-            wallet_port, gate_port = _free_port(), _free_port()
-            wallet_address, self.gate_address = f"127.0.0.1:{wallet_port}", f"127.0.0.1:{gate_port}"
-            wallet = _start("wallet", wallet_port, "")
-            self._procs.append(wallet)
-            _wait_ready(wallet_address, wallet)
+            pids = {}
+            wallet_address = ""
+            if not self.one_hop:
+                wallet_port = _free_port()
+                wallet_address = f"127.0.0.1:{wallet_port}"
+                wallet = _start("wallet", wallet_port, "")
+                self._procs.append(wallet)
+                _wait_ready(wallet_address, wallet)
+                pids["floor wallet"] = wallet.pid
+            gate_port = _free_port()
+            self.gate_address = f"127.0.0.1:{gate_port}"
             gate = _start("gate", gate_port, wallet_address)
             self._procs.append(gate)
             _wait_ready(self.gate_address, gate)
+            pids["floor gate"] = gate.pid
         except BaseException:
             self.__exit__()
             raise
-        self._stack_cpu = StackCpu(self.state_dir, components=("floor gate", "floor wallet", "postgres", "kafka", "redis"),
-                                   pids={"floor gate": gate.pid, "floor wallet": wallet.pid})
+        self._stack_cpu = StackCpu(self.state_dir, components=(*pids, "postgres", "kafka", "redis"), pids=pids)
         self._client = FareGateClient(self.gate_address, deadline_s=self.deadline_s)
         return self
 
@@ -310,7 +336,6 @@ class FloorStack:
 
     def counts(self) -> tuple[int, int, int]:
         """Taps recorded, holds written and the sum the holds reserve (for tests)."""
-        import psycopg
         with psycopg.connect(self.dsn) as conn:
             taps = conn.execute(f"SELECT count(*) FROM {GATE_SCHEMA}.taps").fetchone()
             holds = conn.execute(f"SELECT count(*) FROM {WALLET_SCHEMA}.holds").fetchone()
@@ -326,8 +351,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     riders = synthetic_riders(args.riders, run_id=run_id, seed=args.seed)
     gates = station_gates(STATIONS, args.gates_per_station)
     steps: list[dict[str, Any]] = []
-    with FloorStack() as floor:
-        print(f"tap floor {run_id}: floor gate {floor.gate_address}; steps {args.step_s:g} s, "
+    with FloorStack(one_hop=args.one_hop) as floor:
+        print(f"tap floor {run_id}: {'one hop (no floor wallet)' if args.one_hop else 'two hops'}, "
+              f"floor gate {floor.gate_address}; steps {args.step_s:g} s, "
               f"rates {', '.join(f'{r:g}' for r in args.rates)}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         for number, rate in enumerate(args.rates, start=1):
             run = floor.run(RiderPool(riders, gates, seed=args.seed + number), rate, args.step_s,
@@ -346,7 +372,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         sustained = step["offered_rate_per_s"]
     print(f"\nfloor: highest rate with every step up to it at p99 <= {STEP_P99_MS_MAX:g} ms and no errors: "
           f"{sustained:g} taps/s")
-    return {"run_id": run_id, "load_average_end": os.getloadavg(), "steps": steps, "sustained_per_s": sustained,
+    return {"run_id": run_id, "one_hop": args.one_hop, "load_average_end": os.getloadavg(), "steps": steps, "sustained_per_s": sustained,
             "at": datetime.now(timezone.utc).isoformat()}
 
 
@@ -373,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
         target.add_argument("--gates-per-station", type=int, default=2, help="gates at each station (default 2)")
         target.add_argument("--seed", type=int, default=1, help="seed of card UIDs and stations (default 1)")
         target.add_argument("--json-out", default="", help="also write the figures as JSON")
+        target.add_argument("--one-hop", action="store_true",
+                            help="no floor wallet: the gate writes the hold in its own transaction, one service and "
+                                 "one commit per tap (a design question, not our architecture)")
     server = sub.add_parser("serve", help="run one of the floor servers (the bench starts them)")
     server.add_argument("role", choices=("gate", "wallet"))
     server.add_argument("--port", type=int, required=True)

@@ -24,10 +24,12 @@ def _schemas(dsn: str) -> set[str]:
     return {row[0] for row in rows}
 
 
-def test_every_floor_tap_records_one_tap_and_one_hold_and_a_retry_neither(postgres_dsn: str) -> None:
+@pytest.mark.parametrize("one_hop", [False, True], ids=["two hops", "one hop"])
+def test_every_floor_tap_records_one_tap_and_one_hold_and_a_retry_neither(postgres_dsn: str, one_hop: bool) -> None:
     riders = synthetic_riders(30, run_id="floor-test", seed=5)
     gates = station_gates(STATIONS, 1)
-    with FloorStack() as floor:
+    servers = {"floor gate"} if one_hop else {"floor gate", "floor wallet"}
+    with FloorStack(one_hop=one_hop) as floor:
         run = floor.run(RiderPool(riders, gates, seed=5), 40.0, 1.0, tap_id_prefix="floor-test", warmup_s=0.0)
         assert run.result.scheduled == 40
         assert run.result.answered == 40, run.result.errors
@@ -37,7 +39,7 @@ def test_every_floor_tap_records_one_tap_and_one_hold_and_a_retry_neither(postgr
         # CPU is read per process (a short run can round a component to 0 ticks, so only the
         # whole is asserted to be some).
         assert run.cost is not None
-        assert set(run.cost.ms_per_call) == {"floor gate", "floor wallet", "postgres", "kafka", "redis", "load generator"}
+        assert set(run.cost.ms_per_call) == servers | {"postgres", "kafka", "redis", "load generator"}
         assert run.cost.total_ms > 0
 
         # The same tap id again: answered, and nothing more is written or held.
