@@ -10,6 +10,7 @@ NOT_SERVING, drains in-flight calls and closes the service's resources.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import threading
 import os
@@ -98,6 +99,10 @@ def run(name: str, settings_cls: type[S], build: Callable[[S], App]) -> None:
         log.exception("start failed")
         print(f"{name}: start failed: {exc}", file=sys.stderr)
         sys.exit(1)
+    # What start-up made (modules, the fare feed, settings, pools) lives as long as the
+    # process: frozen out of the collector's reach, a full collection scans only what came
+    # after, a few milliseconds instead of 45-95 ms with every thread stopped.
+    gc.freeze()
     app.server.start()
     app.start()
     app.server.set_serving(True)
