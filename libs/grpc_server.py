@@ -17,7 +17,6 @@ Health and reflection calls are exempt from the deadline rule so standard tools
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -33,6 +32,7 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from libs import errors
+from libs.signals import stop_event_on_signals
 
 log = logging.getLogger("citytap.grpc")
 
@@ -197,11 +197,12 @@ def create_server(
     return server
 
 
-def run_until_signalled(server: Server, *, grace_s: float = 5.0, on_stop: Callable[[], None] | None = None) -> None:
-    """Block until SIGTERM or SIGINT, then stop gracefully and run `on_stop` for cleanup."""
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+def run_until_signalled(server: Server, *, grace_s: float = 5.0, on_stop: Callable[[], None] | None = None,
+                        stop: threading.Event | None = None) -> None:
+    """Block until SIGTERM or SIGINT (or until `stop`, from `libs.signals.stop_event_on_signals`
+    installed earlier, is set), then stop gracefully and run `on_stop` for cleanup."""
+    if stop is None:
+        stop = stop_event_on_signals()
     stop.wait()
     log.info("stopping", extra={"fields": {"grace_s": grace_s}})
     server.stop(grace_s)

@@ -11,15 +11,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import signal
 import sys
-import threading
 
 from libs import logs
 from libs.events import Publisher
 from libs.outbox import IDLE_WAIT_MS_DEFAULT, OutboxRelay, ensure_table, idle_wait_ms
 from libs.postgres import create_pool
 from libs.settings import SettingsError, host_port_list, load, log_level, setting, url
+from libs.signals import stop_event_on_signals
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,9 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     with pool.connection() as conn:
         ensure_table(conn, args.schema)
     publisher = Publisher(settings.kafka_bootstrap, client_id=f"citytap-relay-{args.schema}")
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = stop_event_on_signals()
     OutboxRelay(pool, schema=args.schema, publisher=publisher, idle_wait_s=settings.idle_wait_ms / 1000).run(stop)
     publisher.close()
     pool.close()

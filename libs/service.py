@@ -26,6 +26,7 @@ from libs.events import Publisher, ensure_topics
 from libs.postgres import create_pool, migrate_folder
 from libs.redis_client import create_redis
 from libs.grpc_server import Server, create_server, run_until_signalled
+from libs.signals import stop_event_on_signals
 from libs.settings import SettingsError, boolean, host_port, host_port_list, load, log_level, setting, url
 
 log = logging.getLogger("citytap.service")
@@ -93,6 +94,8 @@ def run(name: str, settings_cls: type[S], build: Callable[[S], App]) -> None:
         print(f"{name}: {exc}", file=sys.stderr)
         sys.exit(2)
     logs.configure(name, getattr(settings, "log_level", "INFO"))
+    # From here a SIGTERM stops the service gracefully, even one that arrives while it starts.
+    stop = stop_event_on_signals()
     try:
         app = build(settings)
     except Exception as exc:
@@ -107,7 +110,7 @@ def run(name: str, settings_cls: type[S], build: Callable[[S], App]) -> None:
     app.start()
     app.server.set_serving(True)
     log.info("serving", extra={"fields": {"port": app.server.port, "services": app.server.service_names}})
-    run_until_signalled(app.server, on_stop=app.close)
+    run_until_signalled(app.server, on_stop=app.close, stop=stop)
 
 
 class BaseApp:

@@ -58,7 +58,8 @@ def test_service_stops_gracefully_on_sigterm() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {**os.environ, "CITYTAP_LISTEN_ADDRESS": f"127.0.0.1:{port}"}
+    # PYTHONFAULTHANDLER: if it hangs, SIGABRT makes it print every thread's stack.
+    env = {**os.environ, "CITYTAP_LISTEN_ADDRESS": f"127.0.0.1:{port}", "PYTHONFAULTHANDLER": "1"}
     process = subprocess.Popen([sys.executable, "-m", "services.face"], cwd=ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -75,7 +76,12 @@ def test_service_stops_gracefully_on_sigterm() -> None:
             time.sleep(0.2)
         assert status == health_pb2.HealthCheckResponse.SERVING, process.stderr.read() if process.poll() is not None else ""
         process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=20)
+        try:
+            _, stderr = process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGABRT)
+            _, stuck = process.communicate(timeout=10)
+            pytest.fail(f"the service did not stop within 20 s of SIGTERM; its stderr and stacks:\n{stuck}")
     finally:
         if process.poll() is None:
             process.kill()
