@@ -331,8 +331,7 @@ class FloorStack:
                           tap_id_prefix=tap_id_prefix)
         used = self._stack_cpu.used_s(before, self._stack_cpu.snapshot())
         used[LOAD_GENERATOR] = time.process_time() - cpu0
-        answered_share = result.answered / result.scheduled if result.scheduled else 0.0
-        return FloorRun(result, call_cost(used, result.answered + round(warmup_s * rate_per_s * answered_share)))
+        return FloorRun(result, call_cost(used, result.answered_with_warmup))
 
     def counts(self) -> tuple[int, int, int]:
         """Taps recorded, holds written and the sum the holds reserve (for tests)."""

@@ -293,10 +293,8 @@ class TapBench:
             used = self.stack_cpu.used_s(before, self.stack_cpu.snapshot())
             used[LOAD_GENERATOR] = client_cpu_s
             # Per answered call: a call refused at once costs next to nothing, and dividing by
-            # calls sent would flatter an overloaded phase. The warm-up's calls (sent, not
-            # measured) count at the measured part's answer rate.
-            answered_share = result.answered / result.scheduled if result.scheduled else 0.0
-            cost = call_cost(used, result.answered + round(result.warmup_s * result.rate_per_s * answered_share))
+            # calls sent would flatter an overloaded phase.
+            cost = call_cost(used, result.answered_with_warmup)
         return result, cpu_pct, waited_s, cost
 
     def taps(self, rate_per_s: float, duration_s: float) -> tuple[RunResult, float, float, CallCost | None]:

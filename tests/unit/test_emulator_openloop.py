@@ -12,8 +12,10 @@ from services.fare_gate.emulator.openloop import (
     CLIENT_IN_FLIGHT_FULL,
     CLIENT_SEND_FAILED,
     CLIENT_UNDRAINED,
+    Completion,
     OpenLoop,
     Result,
+    RunResult,
     answered,
     failed,
     in_flight_max_for,
@@ -184,3 +186,13 @@ def test_limits_are_checked() -> None:
     assert in_flight_max_for(200, 1.0) == 400
     assert in_flight_max_for(1, 0.01) == 16
     assert in_flight_max_for(20_000, 60.0) == 10_000
+
+
+def test_the_warm_up_counts_at_the_measured_answer_rate() -> None:
+    # 10 measured calls, 8 answered; 2 s of warm-up at 5 calls/s is 10 calls, 8 of them counted.
+    completions = [Completion(i, float(i), float(i), i + 0.01, answered("OPEN") if i < 8 else failed("UNAVAILABLE"))
+                   for i in range(10)]
+    result = RunResult(rate_per_s=5.0, duration_s=2.0, warmup_s=2.0, scheduled=10, completions=completions)
+    assert result.answered == 8
+    assert result.answered_with_warmup == 16
+    assert RunResult(rate_per_s=5.0, duration_s=2.0, warmup_s=2.0, scheduled=0, completions=[]).answered_with_warmup == 0

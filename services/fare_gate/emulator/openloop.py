@@ -162,6 +162,13 @@ class RunResult:
         return self.answered / span_s
 
     @property
+    def answered_with_warmup(self) -> int:
+        """Answered calls, counting the warm-up's (sent, not measured) at the measured part's
+        answer rate: what the stack's CPU over the whole run is divided by."""
+        answered_share = self.answered / self.scheduled if self.scheduled else 0.0
+        return self.answered + round(self.warmup_s * self.rate_per_s * answered_share)
+
+    @property
     def sent_rate_per_s(self) -> float:
         """Calls actually sent per second over the measured window."""
         sends = [c.sent_at for c in self.completions if c.result.label != f"{CLIENT_IN_FLIGHT_FULL}/"]
