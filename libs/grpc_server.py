@@ -32,7 +32,6 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from libs import errors
-from libs.signals import stop_event_on_signals
 
 log = logging.getLogger("citytap.grpc")
 
@@ -197,12 +196,10 @@ def create_server(
     return server
 
 
-def run_until_signalled(server: Server, *, grace_s: float = 5.0, on_stop: Callable[[], None] | None = None,
-                        stop: threading.Event | None = None) -> None:
-    """Block until SIGTERM or SIGINT (or until `stop`, from `libs.signals.stop_event_on_signals`
-    installed earlier, is set), then stop gracefully and run `on_stop` for cleanup."""
-    if stop is None:
-        stop = stop_event_on_signals()
+def run_until_signalled(server: Server, stop: threading.Event, *, grace_s: float = 5.0,
+                        on_stop: Callable[[], None] | None = None) -> None:
+    """Block until `stop` is set (by SIGTERM or SIGINT: `libs.signals.stop_event_on_signals`,
+    installed before start-up), then stop gracefully and run `on_stop` for cleanup."""
     stop.wait()
     log.info("stopping", extra={"fields": {"grace_s": grace_s}})
     server.stop(grace_s)

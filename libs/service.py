@@ -110,7 +110,7 @@ def run(name: str, settings_cls: type[S], build: Callable[[S], App]) -> None:
     app.start()
     app.server.set_serving(True)
     log.info("serving", extra={"fields": {"port": app.server.port, "services": app.server.service_names}})
-    run_until_signalled(app.server, on_stop=app.close, stop=stop)
+    run_until_signalled(app.server, stop, on_stop=app.close)
 
 
 class BaseApp:

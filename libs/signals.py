@@ -7,37 +7,36 @@ that same lock, held by its own thread, for ever: the process then ignores every
 and never stops. CI saw it once as a service that had not even logged "stopping" 20 s after
 its SIGTERM.
 
-So the handler here only records the signal, which takes no lock, and a watcher thread turns
-that into the event everything else waits on.
+So no Python code of ours runs in the handler at all. The interpreter's own C-level handler
+writes the signal's number to a pipe (`signal.set_wakeup_fd`), and a thread blocked reading
+that pipe sets the event everything else waits on. Nothing polls. The process has one wake-up
+fd: an asyncio loop on the main thread would take it over, and no service runs one there.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
-import time
 from collections.abc import Iterable
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-WATCH_INTERVAL_S = 0.05
 
 
-def stop_event_on_signals(signals: Iterable[signal.Signals] = STOP_SIGNALS, *,
-                          interval_s: float = WATCH_INTERVAL_S) -> threading.Event:
+def stop_event_on_signals(signals: Iterable[signal.Signals] = STOP_SIGNALS) -> threading.Event:
     """Install handlers for `signals` (from the main thread) and return the event that is set
-    within `interval_s` of the first of them arriving."""
+    as soon as the first of them arrives."""
     stop = threading.Event()
-    received: list[int] = []
-
-    def record(signum: int, _frame: object) -> None:
-        received.append(signum)  # no lock: see the module's docstring
-
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)  # the C handler must never block on a full pipe
+    signal.set_wakeup_fd(write_end)
     for sig in signals:
-        signal.signal(sig, record)
+        # A Python handler must be installed for the interpreter to catch the signal (and so
+        # write the wake-up byte); it does nothing itself.
+        signal.signal(sig, lambda *_: None)
 
     def watch() -> None:
-        while not received:
-            time.sleep(interval_s)
+        os.read(read_end, 1)
         stop.set()
 
     threading.Thread(target=watch, name="stop-signals", daemon=True).start()

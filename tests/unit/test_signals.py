@@ -25,7 +25,7 @@ RACE = textwrap.dedent("""
     sys.exit(0 if stop.wait(5) else 3)
 """)
 
-OURS = "from libs.signals import stop_event_on_signals\nstop = stop_event_on_signals((signal.SIGUSR1,), interval_s=0.01)"
+OURS = "from libs.signals import stop_event_on_signals\nstop = stop_event_on_signals((signal.SIGUSR1,))"
 NAIVE = "stop = threading.Event()\nsignal.signal(signal.SIGUSR1, lambda *_: stop.set())"
 
 
