@@ -38,11 +38,9 @@ import hmac
 import json
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
@@ -52,13 +50,15 @@ from typing import Any
 
 import grpc
 import psycopg
-import redis
 from kafka import KafkaProducer
 from psycopg_pool import ConnectionPool
 
 from citytap.common.v1 import money_pb2
 from citytap.fare_gate.v1 import fare_gate_pb2, fare_gate_pb2_grpc
 from citytap.wallet.v1 import wallet_pb2, wallet_pb2_grpc
+from libs.postgres import create_pool
+from libs.redis_client import create_redis
+from libs.signals import stop_event_on_signals
 from loadtests.stack_cpu import LOAD_GENERATOR, CallCost, StackCpu, call_cost
 from services.fare_gate.emulator.gate import FareGateClient
 from services.fare_gate.emulator.load import LoadShape, run_taps, synthetic_riders
@@ -92,13 +92,6 @@ def _env(name: str) -> str:
     if not value:
         sys.exit(f"tap_floor: {name} is not set; run it through `make bench-tap-floor` (infra/env.sh)")
     return value
-
-
-def _pool(dsn: str, name: str) -> ConnectionPool:
-    pool = ConnectionPool(dsn, min_size=POOL_SIZE, max_size=POOL_SIZE, name=name, open=False,
-                          kwargs={"application_name": name, "autocommit": False})
-    pool.open(wait=True, timeout=10)
-    return pool
 
 
 # --- the two servers ----------------------------------------------------------------------
@@ -143,7 +136,7 @@ class FloorGate(fare_gate_pb2_grpc.FareGateServiceServicer):
     def __init__(self, pool: ConnectionPool, wallet_address: str, redis_url: str, kafka_bootstrap: str) -> None:
         self._pool = pool
         self._wallet = wallet_pb2_grpc.WalletServiceStub(grpc.insecure_channel(wallet_address)) if wallet_address else None
-        self._redis = redis.Redis.from_url(redis_url)
+        self._redis = create_redis(redis_url)
         self._kafka = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", linger_ms=KAFKA_LINGER_MS)
 
     def Tap(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC's name)
@@ -185,15 +178,16 @@ def serve(role: str, port: int, wallet_address: str) -> None:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix=f"floor-{role}"),
                          maximum_concurrent_rpcs=GATE_IN_FLIGHT_MAX if role == "gate" else None)
     if role == "wallet":
-        wallet_pb2_grpc.add_WalletServiceServicer_to_server(FloorWallet(_pool(dsn, "tap-floor-wallet")), server)
+        pool = create_pool(dsn, name="tap-floor-wallet", min_size=POOL_SIZE, max_size=POOL_SIZE)
+        wallet_pb2_grpc.add_WalletServiceServicer_to_server(FloorWallet(pool), server)
     else:
-        gate = FloorGate(_pool(dsn, "tap-floor-gate"), wallet_address, _env("CITYTAP_REDIS_URL"),
+        pool = create_pool(dsn, name="tap-floor-gate", min_size=POOL_SIZE, max_size=POOL_SIZE)
+        gate = FloorGate(pool, wallet_address, _env("CITYTAP_REDIS_URL"),
                          _env("CITYTAP_KAFKA_BOOTSTRAP"))
         fare_gate_pb2_grpc.add_FareGateServiceServicer_to_server(gate, server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop = stop_event_on_signals()
     print(f"floor {role} serving on {port}", flush=True)
     stop.wait()
     server.stop(1).wait()
